@@ -1,0 +1,21 @@
+//! The shared vocabulary of cerv (the time server) and fient (the client).
+//!
+//! - [`time`]: [`Timestamp`] and [`Nanos`], integer nanoseconds.
+//! - [`clock`]: the [`Clock`] seam, with the system clock and test clocks.
+//! - [`sync`]: the clock math, pure: samples, offsets, honest error bounds.
+//! - [`rpc`]: the tarpc service trait, [`TimeService`].
+//! - [`wire`]: the datagram format, decoded and validated.
+//! - [`transport`]: tarpc over UDP, client and server side.
+//! - [`client`]: connect, probe and sync in a few lines.
+
+pub mod client;
+pub mod clock;
+pub mod rpc;
+pub mod sync;
+pub mod time;
+pub mod transport;
+pub mod wire;
+
+pub use clock::{Clock, ManualClock, SkewedClock, SystemClock};
+pub use rpc::{ProbeReply, TimeService, TimeServiceClient};
+pub use time::{Nanos, Timestamp};

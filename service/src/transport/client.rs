@@ -1,0 +1,316 @@
+//! The client side of the UDP transport: a socket `connect()`ed to one
+//! server, as a tarpc `Stream`/`Sink` pair.
+
+use super::{Counter, is_transient};
+use crate::clock::{Clock, SystemClock};
+use crate::rpc::{ProbeReply, TimeServiceRequest, TimeServiceResponse};
+use crate::time::Timestamp;
+use crate::wire::{self, Call, ClientFrame, DatagramBuf, MAX_DATAGRAM, Reply, ServerFrame};
+use futures::{Sink, Stream};
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+use tarpc::{ClientMessage, Response, ServerError};
+use tokio::io::ReadBuf;
+use tokio::net::UdpSocket;
+
+/// How many requests the transport remembers, to check each reply against
+/// the request it answers. tarpc's client is limited to fewer calls in
+/// flight than this (see [`client_config`]).
+const SENT_RING: usize = 1024;
+
+/// A tarpc client configuration whose in-flight limit matches what the
+/// transport can check.
+pub fn client_config() -> tarpc::client::Config {
+    let mut config = tarpc::client::Config::default();
+    config.max_in_flight_requests = SENT_RING - 24;
+    config
+}
+
+/// What happened to datagrams on one client transport. Shared, so a caller
+/// can explain a call that got no answer.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    /// Datagrams sent.
+    pub sent: Counter,
+    /// Valid replies handed to tarpc.
+    pub received: Counter,
+    /// Sends that failed and were dropped.
+    pub send_failed: Counter,
+    /// ICMP port unreachable, reported by the kernel: nothing listens there.
+    pub refused: Counter,
+    /// ICMP host or network unreachable.
+    pub unreachable: Counter,
+    /// Datagrams that are not valid replies of this protocol.
+    pub malformed: Counter,
+    /// Replies that match no request we sent (stale, duplicated, forged).
+    pub unmatched: Counter,
+}
+
+/// A request as sent, kept to check the reply that claims to answer it.
+#[derive(Clone, Copy)]
+struct Sent {
+    wire_id: u64,
+    probe_ts1: Option<Timestamp>,
+}
+
+/// The client end of the UDP transport for [`crate::rpc::TimeService`].
+///
+/// - One datagram per message, encoded by [`crate::wire`].
+/// - Probe requests are stamped (`ts1`) just before the datagram is sent and
+///   replies (`ts4`) as soon as they are read from the socket.
+/// - tarpc's request ids (0, 1, 2, ...) are sent offset by a random 64-bit
+///   base, and a reply must carry the id and, for probes, the `ts1` of a
+///   request this transport sent: a stale reply to an earlier process on the
+///   same port, or a forged one from someone who cannot see our traffic, is
+///   dropped.
+/// - Nothing the network does ends the transport: malformed replies and
+///   ICMP errors are counted in [`ClientStats`] and dropped, and a lost
+///   datagram simply leaves its call to its deadline.
+pub struct UdpClientTransport {
+    socket: UdpSocket,
+    clock: Arc<dyn Clock>,
+    id_base: u64,
+    sent: Box<[Option<Sent>; SENT_RING]>,
+    outbox: Option<ClientFrame>,
+    rx: Box<[u8; MAX_DATAGRAM + 1]>,
+    tx: Box<DatagramBuf>,
+    stats: Arc<ClientStats>,
+    closed: bool,
+}
+
+impl UdpClientTransport {
+    /// Binds an ephemeral port of the right address family and connects it
+    /// to `server`, stamping with the system clock.
+    pub async fn connect(server: SocketAddr) -> io::Result<Self> {
+        Self::connect_with_clock(server, Arc::new(SystemClock)).await
+    }
+
+    /// Like [`connect`](Self::connect), reading timestamps from `clock`.
+    pub async fn connect_with_clock(server: SocketAddr, clock: Arc<dyn Clock>) -> io::Result<Self> {
+        let local: SocketAddr = if server.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = UdpSocket::bind(local).await?;
+        socket.connect(server).await?;
+        Ok(Self::from_connected(socket, clock))
+    }
+
+    /// Wraps a socket already connected to the server.
+    pub fn from_connected(socket: UdpSocket, clock: Arc<dyn Clock>) -> Self {
+        UdpClientTransport {
+            socket,
+            clock,
+            id_base: rand::random(),
+            sent: Box::new([None; SENT_RING]),
+            outbox: None,
+            rx: Box::new([0; MAX_DATAGRAM + 1]),
+            tx: Box::new([0; MAX_DATAGRAM]),
+            stats: Arc::default(),
+            closed: false,
+        }
+    }
+
+    /// The counters of this transport, shared.
+    pub fn stats(&self) -> Arc<ClientStats> {
+        self.stats.clone()
+    }
+
+    /// The local address of the socket.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    fn frame_for(&self, message: ClientMessage<TimeServiceRequest>) -> Option<ClientFrame> {
+        match message {
+            ClientMessage::Request(request) => {
+                let call = match request.message {
+                    TimeServiceRequest::Probe { ts1 } => Call::Probe { ts1 },
+                    TimeServiceRequest::Now {} => Call::Now,
+                };
+                Some(ClientFrame::Request {
+                    id: request.id.wrapping_add(self.id_base),
+                    deadline: request
+                        .context
+                        .deadline
+                        .saturating_duration_since(Instant::now()),
+                    call,
+                })
+            }
+            ClientMessage::Cancel { request_id, .. } => Some(ClientFrame::Cancel {
+                id: request_id.wrapping_add(self.id_base),
+            }),
+            // ClientMessage is non-exhaustive; nothing else exists today.
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
+    /// Sends the queued frame, stamping a probe's ts1 just before the send.
+    fn poll_send_outbox(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        // Bounded: the kernel reports at most one pending ICMP error per
+        // send, so a second failure is a real one.
+        for _ in 0..2 {
+            let Some(frame) = self.outbox.as_mut() else {
+                return Poll::Ready(());
+            };
+            let mut probe_ts1 = None;
+            if let ClientFrame::Request {
+                call: Call::Probe { ts1 },
+                ..
+            } = frame
+            {
+                *ts1 = self.clock.now();
+                probe_ts1 = Some(*ts1);
+            }
+            let len = wire::encode_client(frame, &mut self.tx);
+            match self.socket.poll_send(cx, &self.tx[..len]) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(_)) => {
+                    self.stats.sent.incr();
+                    if let Some(ClientFrame::Request { id, .. }) = self.outbox.take() {
+                        self.sent[(id % SENT_RING as u64) as usize] = Some(Sent {
+                            wire_id: id,
+                            probe_ts1,
+                        });
+                    }
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Err(e)) => {
+                    self.count_error(&e);
+                    if !is_transient(&e) {
+                        break;
+                    }
+                }
+            }
+        }
+        self.stats.send_failed.incr();
+        self.outbox = None;
+        Poll::Ready(())
+    }
+
+    fn count_error(&self, e: &io::Error) {
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => self.stats.refused.incr(),
+            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+                self.stats.unreachable.incr()
+            }
+            _ => tracing::debug!(error = %e, "udp client socket error"),
+        }
+    }
+
+    /// Turns a decoded reply into tarpc's response, if it answers a request
+    /// we sent.
+    fn response_for(
+        &mut self,
+        frame: ServerFrame,
+        ts4: Timestamp,
+    ) -> Option<Response<TimeServiceResponse>> {
+        let slot = &mut self.sent[(frame.id % SENT_RING as u64) as usize];
+        let sent = slot.filter(|s| s.wire_id == frame.id)?;
+        let message = match frame.reply {
+            Reply::Probe { ts1, ts2, ts3 } => {
+                if sent.probe_ts1 != Some(ts1) {
+                    return None;
+                }
+                Ok(TimeServiceResponse::Probe(ProbeReply {
+                    ts1,
+                    ts2,
+                    ts3,
+                    ts4: Some(ts4),
+                }))
+            }
+            Reply::Now { time } => {
+                if sent.probe_ts1.is_some() {
+                    return None;
+                }
+                Ok(TimeServiceResponse::Now(time))
+            }
+            Reply::Error { code, detail } => Err(ServerError::new(code.to_io_kind(), detail)),
+        };
+        // One answer per request: a duplicate of this reply is dropped.
+        *slot = None;
+        Some(Response {
+            request_id: frame.id.wrapping_sub(self.id_base),
+            message,
+        })
+    }
+}
+
+impl Stream for UdpClientTransport {
+    type Item = Result<Response<TimeServiceResponse>, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.closed {
+            return Poll::Ready(None);
+        }
+        loop {
+            let mut buf = ReadBuf::new(&mut this.rx[..]);
+            match this.socket.poll_recv(cx, &mut buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) => {
+                    let ts4 = this.clock.now();
+                    let len = buf.filled().len();
+                    let frame = match wire::decode_server(&this.rx[..len]) {
+                        Ok(frame) => frame,
+                        Err(reason) => {
+                            this.stats.malformed.incr();
+                            tracing::debug!(len, %reason, "dropping malformed reply");
+                            continue;
+                        }
+                    };
+                    match this.response_for(frame, ts4) {
+                        Some(response) => {
+                            this.stats.received.incr();
+                            return Poll::Ready(Some(Ok(response)));
+                        }
+                        None => {
+                            this.stats.unmatched.incr();
+                            tracing::debug!("dropping reply that matches no request");
+                        }
+                    }
+                }
+                Poll::Ready(Err(e)) if is_transient(&e) => this.count_error(&e),
+                Poll::Ready(Err(e)) => {
+                    // The socket itself is broken: end the transport, which
+                    // fails the calls in flight instead of spinning here.
+                    tracing::warn!(error = %e, "udp client socket failed");
+                    this.closed = true;
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+}
+
+impl Sink<ClientMessage<TimeServiceRequest>> for UdpClientTransport {
+    type Error = Infallible;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.poll_send_outbox(cx).map(Ok)
+    }
+
+    fn start_send(
+        mut self: Pin<&mut Self>,
+        message: ClientMessage<TimeServiceRequest>,
+    ) -> Result<(), Infallible> {
+        // poll_ready emptied the outbox.
+        self.outbox = self.frame_for(message);
+        Ok(())
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.poll_send_outbox(cx).map(Ok)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.poll_send_outbox(cx).map(Ok)
+    }
+}

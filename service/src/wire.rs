@@ -1,0 +1,554 @@
+//! The datagram format: one message per UDP datagram.
+//!
+//! Every datagram starts with a 4-byte header, then a body encoded with
+//! `postcard` (varints, zigzag for signed values). `docs/PROTOCOL.md` is
+//! the reference; in short:
+//!
+//! ```text
+//! byte 0..2  magic "cf"
+//! byte 2     version (1)
+//! byte 3     kind: 1 request, 2 cancel, 3 response
+//! byte 4..   body (postcard), then zero padding
+//! ```
+//!
+//! Bytes from the network are decoded into the mirror types here, never
+//! straight into tarpc's types: the decoder checks sizes, kinds and padding,
+//! and the deadline a client asks for is clamped to [`MAX_DEADLINE`] before
+//! anything downstream (tarpc's timer wheel, `Instant` arithmetic) sees it.
+//!
+//! **No amplification.** A client pads every datagram it sends to at least
+//! [`MIN_REQUEST_LEN`] bytes, servers ignore shorter ones, and every reply
+//! fits in that size ([`MAX_REPLY_LEN`] ≤ [`MIN_REQUEST_LEN`]; error details
+//! are cut to fit). A spoofed request therefore never draws a reply larger
+//! than itself.
+
+use crate::time::Timestamp;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// The largest datagram either side sends or accepts: fits the IPv6
+/// minimum MTU (1280) with room for the IP and UDP headers.
+pub const MAX_DATAGRAM: usize = 1200;
+/// Client datagrams shorter than this are dropped by servers.
+pub const MIN_REQUEST_LEN: usize = 48;
+/// The largest reply body a server sends for a request of
+/// [`MIN_REQUEST_LEN`] bytes.
+pub const MAX_REPLY_LEN: usize = MIN_REQUEST_LEN;
+/// The longest deadline a server honours; longer ones are cut to this.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(30);
+
+const MAGIC: [u8; 2] = *b"cf";
+/// The protocol version this crate speaks.
+pub const VERSION: u8 = 1;
+const HEADER_LEN: usize = 4;
+
+/// The kind byte of a datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Kind {
+    Request = 1,
+    Cancel = 2,
+    Response = 3,
+}
+
+/// A datagram from client to server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientFrame {
+    /// Call a method.
+    Request {
+        /// Chosen by the client, unique among its calls in flight.
+        id: u64,
+        /// How long the client will wait, already clamped to [`MAX_DEADLINE`]
+        /// when decoded.
+        deadline: Duration,
+        /// The method and its arguments.
+        call: Call,
+    },
+    /// The client no longer wants the answer to request `id`.
+    Cancel {
+        /// The request to cancel.
+        id: u64,
+    },
+}
+
+/// A method call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Call {
+    /// `probe(ts1)`.
+    Probe {
+        /// The client's clock when the request left.
+        ts1: Timestamp,
+    },
+    /// `now()`.
+    Now,
+}
+
+/// A datagram from server to client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerFrame {
+    /// The request this answers.
+    pub id: u64,
+    /// The answer.
+    pub reply: Reply,
+}
+
+/// A method's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The answer to `probe`.
+    Probe {
+        /// Echo of the request's ts1.
+        ts1: Timestamp,
+        /// Server clock at receipt.
+        ts2: Timestamp,
+        /// Server clock at sending.
+        ts3: Timestamp,
+    },
+    /// The answer to `now`.
+    Now {
+        /// Server clock at sending.
+        time: Timestamp,
+    },
+    /// The server refused or failed the call.
+    Error {
+        /// A coarse error class; see [`ErrorCode`].
+        code: ErrorCode,
+        /// A human-readable detail, cut to fit the datagram.
+        detail: String,
+    },
+}
+
+/// Error classes a server can report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// Anything else.
+    Other,
+    /// The server is too busy (throttled or over its limits).
+    Busy,
+    /// The deadline passed before an answer was ready.
+    TimedOut,
+    /// The call was not understood.
+    InvalidInput,
+}
+
+impl ErrorCode {
+    /// The closest `std::io::ErrorKind`, for tarpc's `ServerError`.
+    pub fn to_io_kind(self) -> std::io::ErrorKind {
+        use std::io::ErrorKind as K;
+        match self {
+            ErrorCode::Other => K::Other,
+            ErrorCode::Busy => K::WouldBlock,
+            ErrorCode::TimedOut => K::TimedOut,
+            ErrorCode::InvalidInput => K::InvalidInput,
+        }
+    }
+
+    /// The class of an `std::io::ErrorKind`.
+    pub fn from_io_kind(kind: std::io::ErrorKind) -> Self {
+        use std::io::ErrorKind as K;
+        match kind {
+            K::WouldBlock => ErrorCode::Busy,
+            K::TimedOut => ErrorCode::TimedOut,
+            K::InvalidInput | K::InvalidData => ErrorCode::InvalidInput,
+            _ => ErrorCode::Other,
+        }
+    }
+}
+
+/// Why a datagram was not accepted. Each reason is counted separately.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Larger than [`MAX_DATAGRAM`].
+    #[error("oversized datagram")]
+    Oversized,
+    /// A client datagram shorter than [`MIN_REQUEST_LEN`].
+    #[error("unpadded request (shorter than {MIN_REQUEST_LEN} bytes)")]
+    Unpadded,
+    /// Not our protocol (wrong magic or too short for a header).
+    #[error("not a cerv datagram (bad magic)")]
+    BadMagic,
+    /// Our protocol, another version.
+    #[error("unsupported protocol version {0}")]
+    Version(u8),
+    /// A kind byte this side does not accept.
+    #[error("unexpected datagram kind {0}")]
+    Kind(u8),
+    /// The body does not decode.
+    #[error("malformed body")]
+    Malformed,
+    /// Non-zero bytes after the body.
+    #[error("trailing bytes after the body")]
+    Trailing,
+}
+
+/// The encoded body of a request on the wire (the deadline in microseconds).
+#[derive(Serialize, Deserialize)]
+struct RequestBody {
+    id: u64,
+    deadline_us: u32,
+    call: Call,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CancelBody {
+    id: u64,
+}
+
+/// A buffer large enough for any datagram.
+pub type DatagramBuf = [u8; MAX_DATAGRAM];
+
+fn write_header(buf: &mut [u8], kind: Kind) {
+    buf[..2].copy_from_slice(&MAGIC);
+    buf[2] = VERSION;
+    buf[3] = kind as u8;
+}
+
+/// Encodes a client datagram, padded to [`MIN_REQUEST_LEN`]; returns its
+/// length. The deadline saturates at what the wire holds (about 71 min).
+pub fn encode_client(frame: &ClientFrame, buf: &mut DatagramBuf) -> usize {
+    let (header, body) = buf.split_at_mut(HEADER_LEN);
+    let written = match frame {
+        ClientFrame::Request { id, deadline, call } => {
+            let body_value = RequestBody {
+                id: *id,
+                deadline_us: u32::try_from(deadline.as_micros()).unwrap_or(u32::MAX),
+                call: *call,
+            };
+            postcard::to_slice(&body_value, body).map(|b| b.len())
+        }
+        ClientFrame::Cancel { id } => {
+            postcard::to_slice(&CancelBody { id: *id }, body).map(|b| b.len())
+        }
+    };
+    // The largest request body is about 30 bytes, far below the buffer.
+    let len = HEADER_LEN + written.unwrap_or(0);
+    let kind_byte = match frame {
+        ClientFrame::Request { .. } => Kind::Request,
+        ClientFrame::Cancel { .. } => Kind::Cancel,
+    };
+    write_header(header, kind_byte);
+    let padded = len.max(MIN_REQUEST_LEN);
+    buf[len..padded].fill(0);
+    padded
+}
+
+fn check_header(bytes: &[u8]) -> Result<u8, DecodeError> {
+    if bytes.len() > MAX_DATAGRAM {
+        return Err(DecodeError::Oversized);
+    }
+    if bytes.len() < HEADER_LEN || bytes[..2] != MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    if bytes[2] != VERSION {
+        return Err(DecodeError::Version(bytes[2]));
+    }
+    Ok(bytes[3])
+}
+
+fn body<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, DecodeError> {
+    let (value, rest) =
+        postcard::take_from_bytes::<T>(&bytes[HEADER_LEN..]).map_err(|_| DecodeError::Malformed)?;
+    if rest.iter().any(|&b| b != 0) {
+        return Err(DecodeError::Trailing);
+    }
+    Ok(value)
+}
+
+/// Decodes and validates a datagram a server received.
+pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
+    let kind = check_header(bytes)?;
+    if bytes.len() < MIN_REQUEST_LEN {
+        return Err(DecodeError::Unpadded);
+    }
+    match kind {
+        k if k == Kind::Request as u8 => {
+            let RequestBody {
+                id,
+                deadline_us,
+                call,
+            } = body(bytes)?;
+            let deadline = Duration::from_micros(u64::from(deadline_us)).min(MAX_DEADLINE);
+            Ok(ClientFrame::Request { id, deadline, call })
+        }
+        k if k == Kind::Cancel as u8 => {
+            let CancelBody { id } = body(bytes)?;
+            Ok(ClientFrame::Cancel { id })
+        }
+        other => Err(DecodeError::Kind(other)),
+    }
+}
+
+/// Encodes a reply into at most `limit` bytes (the size of the request it
+/// answers, at most [`MAX_DATAGRAM`]); returns its length, or `None` if it
+/// cannot fit. Error details are shortened, on a character boundary, until
+/// the reply fits.
+pub fn encode_server(frame: &ServerFrame, buf: &mut DatagramBuf, limit: usize) -> Option<usize> {
+    let limit = limit.min(MAX_DATAGRAM);
+    let try_encode = |frame: &ServerFrame, buf: &mut DatagramBuf| {
+        let len = postcard::to_slice(frame, &mut buf[HEADER_LEN..])
+            .ok()
+            .map(|b| b.len() + HEADER_LEN)?;
+        (len <= limit).then_some(len)
+    };
+    let len = match try_encode(frame, buf) {
+        Some(len) => len,
+        None => {
+            let Reply::Error { code, detail } = &frame.reply else {
+                return None;
+            };
+            // Shorten the detail by what is over, then by one character at
+            // a time for the varint length prefix.
+            let mut keep = detail.len().min(limit.saturating_sub(HEADER_LEN + 16));
+            loop {
+                while !detail.is_char_boundary(keep) {
+                    keep -= 1;
+                }
+                let shorter = ServerFrame {
+                    id: frame.id,
+                    reply: Reply::Error {
+                        code: *code,
+                        detail: detail[..keep].to_owned(),
+                    },
+                };
+                if let Some(len) = try_encode(&shorter, buf) {
+                    break len;
+                }
+                if keep == 0 {
+                    return None;
+                }
+                keep -= 1;
+            }
+        }
+    };
+    write_header(&mut buf[..HEADER_LEN], Kind::Response);
+    Some(len)
+}
+
+/// Decodes and validates a datagram a client received.
+pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, DecodeError> {
+    match check_header(bytes)? {
+        k if k == Kind::Response as u8 => body(bytes),
+        other => Err(DecodeError::Kind(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn buf() -> DatagramBuf {
+        [0xAA; MAX_DATAGRAM]
+    }
+
+    fn largest_replies() -> Vec<ServerFrame> {
+        let extreme = [i64::MIN, i64::MAX, -1, 0];
+        let mut out = Vec::new();
+        for t in extreme {
+            let t = Timestamp::from_nanos(t);
+            out.push(ServerFrame {
+                id: u64::MAX,
+                reply: Reply::Probe {
+                    ts1: t,
+                    ts2: t,
+                    ts3: t,
+                },
+            });
+            out.push(ServerFrame {
+                id: u64::MAX,
+                reply: Reply::Now { time: t },
+            });
+        }
+        out.push(ServerFrame {
+            id: u64::MAX,
+            reply: Reply::Error {
+                code: ErrorCode::Busy,
+                detail: "x".repeat(2000),
+            },
+        });
+        out
+    }
+
+    #[test]
+    fn requests_round_trip_and_are_padded() {
+        let frames = [
+            ClientFrame::Request {
+                id: 0,
+                deadline: Duration::from_millis(500),
+                call: Call::Probe {
+                    ts1: Timestamp::from_nanos(1_790_000_000_123_456_789),
+                },
+            },
+            ClientFrame::Request {
+                id: u64::MAX,
+                deadline: MAX_DEADLINE,
+                call: Call::Now,
+            },
+            ClientFrame::Cancel { id: 7 },
+        ];
+        for frame in frames {
+            let mut b = buf();
+            let len = encode_client(&frame, &mut b);
+            assert_eq!(len, MIN_REQUEST_LEN);
+            assert_eq!(&b[..3], b"cf\x01");
+            assert_eq!(decode_client(&b[..len]), Ok(frame));
+        }
+    }
+
+    #[test]
+    fn every_reply_fits_the_smallest_request() {
+        for frame in largest_replies() {
+            let mut b = buf();
+            let len = encode_server(&frame, &mut b, MIN_REQUEST_LEN).expect("fits");
+            assert!(len <= MAX_REPLY_LEN, "{frame:?} is {len} bytes");
+            let back = decode_server(&b[..len]).unwrap();
+            assert_eq!(back.id, frame.id);
+            if let (Reply::Error { detail, .. }, Reply::Error { detail: long, .. }) =
+                (&back.reply, &frame.reply)
+            {
+                assert!(long.starts_with(detail.as_str()) && !detail.is_empty());
+            } else {
+                assert_eq!(back, frame);
+            }
+        }
+    }
+
+    #[test]
+    fn error_details_are_cut_on_character_boundaries() {
+        let frame = ServerFrame {
+            id: 1,
+            reply: Reply::Error {
+                code: ErrorCode::Other,
+                detail: "é".repeat(100),
+            },
+        };
+        let mut b = buf();
+        let len = encode_server(&frame, &mut b, MIN_REQUEST_LEN).unwrap();
+        let Reply::Error { detail, .. } = decode_server(&b[..len]).unwrap().reply else {
+            panic!("not an error")
+        };
+        assert!(detail.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn a_reply_that_cannot_fit_is_refused() {
+        let frame = ServerFrame {
+            id: 1,
+            reply: Reply::Now {
+                time: Timestamp::from_nanos(i64::MAX),
+            },
+        };
+        assert_eq!(encode_server(&frame, &mut buf(), 8), None);
+    }
+
+    #[test]
+    fn deadlines_are_clamped() {
+        let frame = ClientFrame::Request {
+            id: 3,
+            deadline: Duration::from_secs(3600),
+            call: Call::Now,
+        };
+        let mut b = buf();
+        let len = encode_client(&frame, &mut b);
+        let ClientFrame::Request { deadline, .. } = decode_client(&b[..len]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(deadline, MAX_DEADLINE);
+    }
+
+    #[test]
+    fn bad_datagrams_are_named() {
+        let mut good = buf();
+        let len = encode_client(&ClientFrame::Cancel { id: 1 }, &mut good);
+        let good = &good[..len];
+        let with = |i: usize, v: u8| {
+            let mut d = good.to_vec();
+            d[i] = v;
+            d
+        };
+        assert_eq!(decode_client(&[0; 1201]), Err(DecodeError::Oversized));
+        assert_eq!(decode_client(b"cf"), Err(DecodeError::BadMagic));
+        assert_eq!(decode_client(&with(0, b'x')), Err(DecodeError::BadMagic));
+        assert_eq!(decode_client(&with(2, 9)), Err(DecodeError::Version(9)));
+        assert_eq!(decode_client(&with(3, 3)), Err(DecodeError::Kind(3)));
+        assert_eq!(decode_client(&with(3, 0)), Err(DecodeError::Kind(0)));
+        assert_eq!(decode_client(&with(47, 1)), Err(DecodeError::Trailing));
+        assert_eq!(decode_client(&good[..20]), Err(DecodeError::Unpadded));
+        // A request kind with a body that ends too early.
+        let mut short = with(3, 1);
+        short[4..].fill(0xFF);
+        assert_eq!(decode_client(&short), Err(DecodeError::Malformed));
+        // A server must not take a response, nor a client a request.
+        let mut reply = buf();
+        let n = encode_server(
+            &ServerFrame {
+                id: 1,
+                reply: Reply::Now {
+                    time: Timestamp::EPOCH,
+                },
+            },
+            &mut reply,
+            MIN_REQUEST_LEN,
+        )
+        .unwrap();
+        let mut padded = reply[..n].to_vec();
+        padded.resize(MIN_REQUEST_LEN, 0);
+        assert_eq!(decode_client(&padded), Err(DecodeError::Kind(3)));
+        assert_eq!(decode_server(good), Err(DecodeError::Kind(2)));
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..1300)) {
+            let _ = decode_client(&bytes);
+            let _ = decode_server(&bytes);
+        }
+
+        #[test]
+        fn mutated_requests_decode_or_fail_cleanly(
+            id in any::<u64>(),
+            ts1 in any::<i64>(),
+            at in 0usize..MIN_REQUEST_LEN,
+            value in any::<u8>(),
+        ) {
+            let mut b = buf();
+            let len = encode_client(&ClientFrame::Request {
+                id,
+                deadline: Duration::from_millis(250),
+                call: Call::Probe { ts1: Timestamp::from_nanos(ts1) },
+            }, &mut b);
+            b[at] = value;
+            if let Ok(ClientFrame::Request { deadline, .. }) = decode_client(&b[..len]) {
+                prop_assert!(deadline <= MAX_DEADLINE);
+            }
+        }
+
+        #[test]
+        fn requests_round_trip(id in any::<u64>(), ts1 in any::<i64>(), us in any::<u32>()) {
+            let frame = ClientFrame::Request {
+                id,
+                deadline: Duration::from_micros(u64::from(us)).min(MAX_DEADLINE),
+                call: Call::Probe { ts1: Timestamp::from_nanos(ts1) },
+            };
+            let mut b = buf();
+            let len = encode_client(&frame, &mut b);
+            prop_assert_eq!(decode_client(&b[..len]), Ok(frame));
+        }
+
+        #[test]
+        fn replies_round_trip(id in any::<u64>(), a in any::<i64>(), b in any::<i64>(), c in any::<i64>()) {
+            let frame = ServerFrame {
+                id,
+                reply: Reply::Probe {
+                    ts1: Timestamp::from_nanos(a),
+                    ts2: Timestamp::from_nanos(b),
+                    ts3: Timestamp::from_nanos(c),
+                },
+            };
+            let mut buf = buf();
+            let len = encode_server(&frame, &mut buf, MIN_REQUEST_LEN).unwrap();
+            prop_assert!(len <= MIN_REQUEST_LEN);
+            prop_assert_eq!(decode_server(&buf[..len]), Ok(frame));
+        }
+    }
+}
