@@ -21,8 +21,8 @@ pub struct Timestamp(i64);
 
 /// A signed span of time in nanoseconds: an offset, a delay or a round trip.
 ///
-/// Displayed with an explicit sign and a unit chosen for the magnitude, for
-/// example `+250.000ms`, `-1.500s` or `+12.345µs`. Parsed from forms such as
+/// Displayed with a unit chosen for the magnitude, for example `250.000ms`,
+/// `-1.500s` or `12.345µs` (`{:+}` adds the sign, `{:#}` every digit). Parsed from forms such as
 /// `250ms`, `+250ms`, `-1.5s`, `2us` or an ISO 8601 duration (`PT0.25S`).
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
@@ -202,22 +202,31 @@ impl Nanos {
 }
 
 impl fmt::Display for Nanos {
-    /// `+250.000ms`, `-1.500s`, `+12.345µs`, `+0ns`: a sign, three decimals
-    /// and a unit chosen so that the integer part is below 1000. A precision
-    /// (`{:.1}`) changes the number of decimals.
+    /// `250.000ms`, `-1.500s`, `12.345µs`, `0ns`: three decimals in a unit
+    /// chosen so that the integer part is below 1000. Flags: `{:+}` always
+    /// shows the sign, `{:#}` shows every digit down to the nanosecond, and
+    /// a precision (`{:.1}`) sets the number of decimals.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let sign = if self.0 < 0 { '-' } else { '+' };
+        let sign = match (self.0 < 0, f.sign_plus()) {
+            (true, _) => "-",
+            (false, true) => "+",
+            (false, false) => "",
+        };
         let magnitude = self.0.unsigned_abs();
-        let (unit, scale) = match magnitude {
-            0..1_000 => ("ns", 1u64),
-            1_000..1_000_000 => ("µs", 1_000),
-            1_000_000..1_000_000_000 => ("ms", 1_000_000),
-            _ => ("s", 1_000_000_000),
+        let (unit, scale, digits) = match magnitude {
+            0..1_000 => ("ns", 1u64, 0),
+            1_000..1_000_000 => ("µs", 1_000, 3),
+            1_000_000..1_000_000_000 => ("ms", 1_000_000, 6),
+            _ => ("s", 1_000_000_000, 9),
         };
         if scale == 1 {
             return write!(f, "{sign}{magnitude}ns");
         }
-        let decimals = f.precision().unwrap_or(3).min(9);
+        let decimals = match f.precision() {
+            Some(p) => p.min(9),
+            None if f.alternate() => digits,
+            None => 3,
+        };
         // Integer arithmetic, rounded half up, so that display never goes
         // through f64.
         let step = 10u64.pow(decimals as u32);
@@ -320,20 +329,24 @@ mod tests {
     #[test]
     fn nanos_display_picks_a_unit() {
         let cases = [
-            (0, "+0ns"),
-            (999, "+999ns"),
+            (0, "0ns"),
+            (999, "999ns"),
             (-1_000, "-1.000µs"),
-            (12_345, "+12.345µs"),
-            (250_000_000, "+250.000ms"),
+            (12_345, "12.345µs"),
+            (250_000_000, "250.000ms"),
             (-1_500_000_000, "-1.500s"),
-            (999_999_999, "+1000.000ms"),
-            (1_234_567_890_123, "+1234.568s"),
+            (999_999_999, "1000.000ms"),
+            (1_234_567_890_123, "1234.568s"),
         ];
         for (nanos, want) in cases {
             assert_eq!(Nanos::from_nanos(nanos).to_string(), want, "{nanos}");
         }
-        assert_eq!(format!("{:.1}", Nanos::from_nanos(12_345)), "+12.3µs");
-        assert_eq!(format!("{:.0}", Nanos::from_millis(3)), "+3ms");
+        assert_eq!(format!("{:.1}", Nanos::from_nanos(12_345)), "12.3µs");
+        assert_eq!(format!("{:.0}", Nanos::from_millis(3)), "3ms");
+        assert_eq!(format!("{:+}", Nanos::from_millis(3)), "+3.000ms");
+        assert_eq!(format!("{:+}", Nanos::from_millis(-3)), "-3.000ms");
+        assert_eq!(format!("{:+#}", Nanos::from_nanos(250_000_123)), "+250.000123ms");
+        assert_eq!(format!("{:#}", Nanos::from_nanos(-1_000_000_001)), "-1.000000001s");
         assert_eq!(Nanos::from_nanos(i64::MIN).to_string(), "-9223372036.855s");
     }
 

@@ -1,0 +1,190 @@
+//! The command line of `fient`.
+
+use clap::Parser;
+use service::client::{GIVE_UP_AFTER, SyncOptions};
+use service::sync::{Estimator, SyncParams};
+use service::time::Nanos;
+use std::time::Duration;
+
+const AFTER_HELP: &str = "\
+By default fient only reports (like `chronyd -Q` or `ntpdig`); --set steps
+the system clock to the synchronized time, which needs root or CAP_SYS_TIME.
+
+Each call (probe or now) has --timeout to answer; a request still unanswered
+after a few round trips is sent again, up to --retries more times within that
+timeout. A sync takes at most (probes + 1) x timeout; a server that has never
+answered is given up after 2 probes (a refused port after 1).
+
+Exit codes:
+  0   synced (and, with --set, the clock was stepped)
+  1   no usable answer (unreachable server, every probe lost, contradictory answers)
+  2   usage error or an address that does not resolve
+  77  permission denied setting the clock (nothing was changed)";
+
+/// fient: measure this machine's clock against a cerv time server, and
+/// optionally correct it.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "fient", version, after_help = AFTER_HELP)]
+pub struct Args {
+    /// The server, host[:port] (port 8081 if left out).
+    #[arg(default_value = "127.0.0.1:8081", value_name = "SERVER")]
+    pub server: String,
+
+    /// Probe exchanges to make (1 to 64).
+    #[arg(short = 'n', long, default_value_t = 5, value_name = "N")]
+    pub probes: u32,
+
+    /// Time each call has to answer, retries included, such as 500ms.
+    #[arg(long, default_value = "500ms", value_name = "DURATION")]
+    pub timeout: Nanos,
+
+    /// Extra sends of an unanswered request within its timeout (0 to 10).
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub retries: u32,
+
+    /// How the samples become one offset: combined, intersection, min-rtt
+    /// or mean-delay (the classic flow: now() plus the mean one-way delay).
+    #[arg(long, default_value = "combined", value_name = "NAME")]
+    pub estimator: Estimator,
+
+    /// Least one-way transfer time the path can have; tightens the bound,
+    /// which is dishonest if the path is ever faster.
+    #[arg(long, default_value = "0", value_name = "DURATION")]
+    pub min_transfer: Nanos,
+
+    /// Print one JSON object instead of the human report.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Step the system clock to the synchronized time.
+    #[arg(long)]
+    pub set: bool,
+}
+
+/// A validated invocation.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The server as typed; resolved when the sync starts.
+    pub server: String,
+    /// How to sync.
+    pub options: SyncOptions,
+    /// Render JSON.
+    pub json: bool,
+    /// Step the clock.
+    pub set: bool,
+}
+
+/// An option outside its range; the message names it.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {option} '{value}': {expected}")]
+pub struct UsageError {
+    option: &'static str,
+    value: String,
+    expected: &'static str,
+}
+
+impl Args {
+    /// Checks ranges and builds the plan.
+    pub fn plan(&self) -> Result<Plan, UsageError> {
+        let bad = |option, value: String, expected| UsageError {
+            option,
+            value,
+            expected,
+        };
+        if !(1..=64).contains(&self.probes) {
+            return Err(bad("--probes", self.probes.to_string(), "expected 1 to 64"));
+        }
+        if self.retries > 10 {
+            return Err(bad("--retries", self.retries.to_string(), "expected 0 to 10"));
+        }
+        if self.timeout <= Nanos::ZERO || self.timeout > Nanos::from_secs(60) {
+            return Err(bad(
+                "--timeout",
+                self.timeout.to_string(),
+                "expected more than 0 and at most 60s",
+            ));
+        }
+        if self.min_transfer.is_negative() {
+            return Err(bad(
+                "--min-transfer",
+                self.min_transfer.to_string(),
+                "must not be negative",
+            ));
+        }
+        Ok(Plan {
+            server: self.server.clone(),
+            options: SyncOptions {
+                probes: self.probes,
+                timeout: self.timeout.unsigned_duration(),
+                retries: self.retries,
+                estimator: self.estimator,
+                params: SyncParams {
+                    min_transfer: self.min_transfer,
+                    ..SyncParams::default()
+                },
+            },
+            json: self.json,
+            set: self.set,
+        })
+    }
+}
+
+/// The longest a no-answer takes to be reported for these options.
+pub fn give_up_within(options: &SyncOptions) -> Duration {
+    options.timeout * GIVE_UP_AFTER
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Plan, String> {
+        let mut argv = vec!["fient"];
+        argv.extend_from_slice(args);
+        let args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+        args.plan().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let plan = parse(&[]).unwrap();
+        assert_eq!(plan.server, "127.0.0.1:8081");
+        assert_eq!(plan.options.probes, 5);
+        assert_eq!(plan.options.timeout, Duration::from_millis(500));
+        assert_eq!(plan.options.estimator, Estimator::Combined);
+        assert!(!plan.json && !plan.set);
+        assert_eq!(give_up_within(&plan.options), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn options_parse() {
+        let plan = parse(&[
+            "[::1]:9", "-n", "9", "--timeout", "1.5s", "--retries", "0", "--estimator",
+            "min-rtt", "--json", "--set",
+        ])
+        .unwrap();
+        assert_eq!(plan.server, "[::1]:9");
+        assert_eq!(plan.options.probes, 9);
+        assert_eq!(plan.options.timeout, Duration::from_millis(1500));
+        assert_eq!(plan.options.retries, 0);
+        assert_eq!(plan.options.estimator, Estimator::MinRtt);
+        assert!(plan.json && plan.set);
+    }
+
+    #[test]
+    fn out_of_range_options_are_named() {
+        for (args, needle) in [
+            (&["--probes", "0"][..], "invalid --probes '0'"),
+            (&["--probes", "65"][..], "invalid --probes '65'"),
+            (&["--retries", "11"][..], "invalid --retries '11'"),
+            (&["--timeout", "0"][..], "invalid --timeout '0ns'"),
+            (&["--timeout", "2m"][..], "invalid --timeout"),
+            (&["--timeout", "soon"][..], "invalid duration 'soon'"),
+            (&["--estimator", "best"][..], "unknown estimator 'best'"),
+            (&["--probes", "-1"][..], "unexpected argument '-1'"),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! `cerv`: serve the time over tarpc on UDP.
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use server::{BindError, Config, Server};
+use service::time::Nanos;
+use service::transport::server::ServerConfig;
+use std::io::IsTerminal;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::Duration;
+use tracing::info;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0   stopped cleanly (Ctrl-C or SIGTERM)
+  1   could not serve (address in use or not available)
+  2   usage error (bad option or address)
+  77  permission denied (a port below 1024 without the privilege)
+
+Logs go to stderr; RUST_LOG sets the level (default info; \
+RUST_LOG=service=debug logs one line per request).";
+
+/// The cerv time server: answers probe() and now() over tarpc on UDP.
+#[derive(Parser, Debug)]
+#[command(name = "cerv", version, after_help = EXIT_CODES)]
+struct Args {
+    /// Address to listen on, host:port.
+    #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR")]
+    listen: String,
+
+    /// Simulated clock skew added to every answer, such as +250ms or -1.5s
+    /// (for demos and tests).
+    #[arg(long, default_value = "0", value_name = "DURATION", allow_hyphen_values = true)]
+    offset: Nanos,
+
+    /// Simulated work in every call, between receipt and reply, such as 20ms.
+    #[arg(long, default_value = "0", value_name = "DURATION")]
+    processing_delay: Nanos,
+
+    /// Most clients tracked at once.
+    #[arg(long, default_value_t = ServerConfig::default().max_peers, value_name = "N")]
+    max_peers: usize,
+
+    /// Forget a client after this long without a request.
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    idle_timeout: Nanos,
+
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A failure and the exit code it maps to: the one place codes are decided.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl Failure {
+    fn usage(error: anyhow::Error) -> Self {
+        Failure { code: 2, error }
+    }
+}
+
+impl From<BindError> for Failure {
+    fn from(e: BindError) -> Self {
+        let code = match e {
+            BindError::PermissionDenied { .. } => 77,
+            _ => 1,
+        };
+        Failure {
+            code,
+            error: e.into(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure { code, error }) => {
+            eprintln!("cerv: {error:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,tarpc=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn config_from(args: &Args) -> Result<Config, Failure> {
+    let listen = resolve(&args.listen).map_err(Failure::usage)?;
+    let non_negative = |d: Nanos, what: &str| {
+        if d.is_negative() {
+            Err(Failure::usage(anyhow::anyhow!(
+                "invalid {what} '{d}': must not be negative"
+            )))
+        } else {
+            Ok(d.unsigned_duration())
+        }
+    };
+    let processing_delay = non_negative(args.processing_delay, "--processing-delay")?;
+    let idle_timeout = non_negative(args.idle_timeout, "--idle-timeout")?;
+    if args.max_peers == 0 {
+        return Err(Failure::usage(anyhow::anyhow!("invalid --max-peers '0': must be at least 1")));
+    }
+    Ok(Config {
+        listen,
+        offset: args.offset,
+        processing_delay,
+        transport: ServerConfig {
+            max_peers: args.max_peers,
+            idle_timeout: idle_timeout.max(Duration::from_millis(500)),
+            ..ServerConfig::default()
+        },
+    })
+}
+
+fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .with_context(|| format!("invalid listen address '{addr}'"))?
+        .next()
+        .with_context(|| format!("invalid listen address '{addr}': resolves to nothing"))
+}
+
+fn run(args: Args) -> Result<(), Failure> {
+    let config = config_from(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .map_err(|error| Failure { code: 1, error })?;
+    runtime.block_on(async {
+        let server = Server::bind(config.clone()).await?;
+        let addr = server.local_addr().map_err(|e| Failure {
+            code: 1,
+            error: e.into(),
+        })?;
+        info!(
+            offset = %config.offset,
+            processing_delay = ?config.processing_delay,
+            "listening on {addr}"
+        );
+        server.run(shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => info!("interrupted; shutting down"),
+        () = term => info!("terminated; shutting down"),
+    }
+}
