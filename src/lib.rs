@@ -111,7 +111,10 @@ pub fn run(cmd: &mut Command, limit: Duration) -> Finished {
 
 /// Runs `fient` with `args`, for at most 30 s.
 pub fn fient(args: &[&str]) -> Finished {
-    run(Command::new(bin("fient")).args(args), Duration::from_secs(30))
+    run(
+        Command::new(bin("fient")).args(args),
+        Duration::from_secs(30),
+    )
 }
 
 /// A running `cerv`, killed by PID when dropped.

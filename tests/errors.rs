@@ -24,7 +24,10 @@ fn closed_port() -> String {
 #[test]
 fn bad_addresses_exit_2_naming_the_input() {
     for (addr, needle) in [
-        ("127.0.0.1:99999", "cannot resolve server address '127.0.0.1:99999': invalid port"),
+        (
+            "127.0.0.1:99999",
+            "cannot resolve server address '127.0.0.1:99999': invalid port",
+        ),
         ("localhost:http", "invalid port 'http'"),
         ("127.0.0.1:0", "port 0"),
         ("a b", "invalid host name"),
@@ -59,7 +62,11 @@ fn a_stopped_server_means_exit_1_within_the_time_bound() {
     assert_eq!(out.code(), Some(1), "{}", out.stderr);
     assert_one_line(&out.stderr, "fient", &format!("no answer from {target}"));
     // Two probes' budgets at most, plus process start-up.
-    assert!(out.elapsed < Duration::from_millis(2 * 300 + 1_000), "{:?}", out.elapsed);
+    assert!(
+        out.elapsed < Duration::from_millis(2 * 300 + 1_000),
+        "{:?}",
+        out.elapsed
+    );
 }
 
 #[test]
@@ -80,7 +87,11 @@ fn a_silent_server_means_exit_1_within_the_time_bound() {
     assert_one_line(&out.stderr, "fient", "every request timed out");
     let doc = json(&out.stdout);
     assert_eq!(doc["status"], "no_answer");
-    assert!(out.elapsed < Duration::from_millis(2 * 250 + 1_000), "{:?}", out.elapsed);
+    assert!(
+        out.elapsed < Duration::from_millis(2 * 250 + 1_000),
+        "{:?}",
+        out.elapsed
+    );
 }
 
 #[test]
@@ -88,7 +99,8 @@ fn a_server_speaking_another_protocol_is_named() {
     // Echoes every datagram back: not a cerv reply.
     let echo = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let target = echo.local_addr().expect("addr").to_string();
-    echo.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    echo.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let echoer = {
         let stop = stop.clone();
@@ -120,7 +132,10 @@ fn a_busy_port_exits_1_and_a_bad_listen_address_2() {
 
     for (listen, needle) in [
         ("nowhere", "invalid listen address 'nowhere'"),
-        ("127.0.0.1:70000", "invalid listen address '127.0.0.1:70000'"),
+        (
+            "127.0.0.1:70000",
+            "invalid listen address '127.0.0.1:70000'",
+        ),
     ] {
         let out = run(
             Command::new(bin("cerv")).args(["--listen", listen]),
@@ -147,9 +162,16 @@ fn cerv_stops_cleanly_on_sigterm() {
 #[test]
 fn help_documents_exit_codes() {
     for program in ["cerv", "fient"] {
-        let out = run(Command::new(bin(program)).arg("--help"), Duration::from_secs(10));
+        let out = run(
+            Command::new(bin(program)).arg("--help"),
+            Duration::from_secs(10),
+        );
         assert_eq!(out.code(), Some(0));
-        assert!(out.stdout.contains("Exit codes:"), "{program}: {}", out.stdout);
+        assert!(
+            out.stdout.contains("Exit codes:"),
+            "{program}: {}",
+            out.stdout
+        );
         assert!(out.stdout.contains("77"));
     }
 }
@@ -183,7 +205,9 @@ fn unprivileged_prefix() -> Vec<String> {
         "--ambient-caps=-sys_time",
     ];
     let probe = run(
-        Command::new(setpriv[0]).args(&setpriv[1..]).args(["cat", "/proc/self/status"]),
+        Command::new(setpriv[0])
+            .args(&setpriv[1..])
+            .args(["cat", "/proc/self/status"]),
         Duration::from_secs(10),
     );
     if probe.code() == Some(0) && !has_cap_sys_time(&probe.stdout) {
@@ -191,7 +215,9 @@ fn unprivileged_prefix() -> Vec<String> {
     }
     let userns = ["unshare", "--user", "--map-root-user"];
     let probe = run(
-        Command::new(userns[0]).args(&userns[1..]).args(["cat", "/proc/self/uid_map"]),
+        Command::new(userns[0])
+            .args(&userns[1..])
+            .args(["cat", "/proc/self/uid_map"]),
         Duration::from_secs(10),
     );
     // In the initial namespace the map is "0 0 4294967295".
@@ -212,7 +238,8 @@ fn set_without_permission_exits_77_and_changes_nothing() {
     argv.push(fient_path.display().to_string());
     let target = server.target();
     let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..]).args([target.as_str(), "--set", "--json"]);
+    cmd.args(&argv[1..])
+        .args([target.as_str(), "--set", "--json"]);
     let out = run(&mut cmd, Duration::from_secs(30));
     assert_eq!(out.code(), Some(77), "prefix {prefix:?}: {}", out.stderr);
     assert_one_line(&out.stderr, "fient", "permission denied");

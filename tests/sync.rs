@@ -134,9 +134,9 @@ fn garbage_and_oversized_datagrams_leave_it_answering() {
         vec![0],
         b"hello".to_vec(),
         vec![0xff; 48],
-        vec![0x55; 2000],      // oversized
-        vec![b'c'; 65_000],    // far oversized
-        valid[..20].to_vec(),  // truncated, unpadded
+        vec![0x55; 2000],     // oversized
+        vec![b'c'; 65_000],   // far oversized
+        valid[..20].to_vec(), // truncated, unpadded
         {
             let mut v = valid.clone();
             v[2] = 9; // another version
@@ -165,7 +165,10 @@ fn garbage_and_oversized_datagrams_leave_it_answering() {
     assert_measures(&doc, 7 * MS, 5 * MS);
 
     let (status, log) = server.stop();
-    assert!(status.is_some_and(|s| s.success()), "cerv did not stop cleanly: {log}");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "cerv did not stop cleanly: {log}"
+    );
     let stats = log
         .lines()
         .find(|l| l.contains("server stopped"))

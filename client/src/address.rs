@@ -36,7 +36,10 @@ pub async fn resolve(input: &str) -> Result<SocketAddr, AddressError> {
     let (host, port) = match input_trimmed.rsplit_once(':') {
         Some((host, port)) => {
             let port: u16 = port.parse().map_err(|_| {
-                error(input, format!("invalid port '{port}' (expected 1 to 65535)"))
+                error(
+                    input,
+                    format!("invalid port '{port}' (expected 1 to 65535)"),
+                )
             })?;
             (host, port)
         }
@@ -59,7 +62,10 @@ fn check(input: &str, addr: SocketAddr) -> Result<SocketAddr, AddressError> {
         return Err(error(input, "port 0 is not a server port"));
     }
     if addr.ip().is_unspecified() || addr.ip().is_multicast() {
-        return Err(error(input, format!("{} is not a unicast host address", addr.ip())));
+        return Err(error(
+            input,
+            format!("{} is not a unicast host address", addr.ip()),
+        ));
     }
     Ok(addr)
 }

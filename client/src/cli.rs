@@ -95,7 +95,11 @@ impl Args {
             return Err(bad("--probes", self.probes.to_string(), "expected 1 to 64"));
         }
         if self.retries > 10 {
-            return Err(bad("--retries", self.retries.to_string(), "expected 0 to 10"));
+            return Err(bad(
+                "--retries",
+                self.retries.to_string(),
+                "expected 0 to 10",
+            ));
         }
         if self.timeout <= Nanos::ZERO || self.timeout > Nanos::from_secs(60) {
             return Err(bad(
@@ -159,8 +163,17 @@ mod tests {
     #[test]
     fn options_parse() {
         let plan = parse(&[
-            "[::1]:9", "-n", "9", "--timeout", "1.5s", "--retries", "0", "--estimator",
-            "min-rtt", "--json", "--set",
+            "[::1]:9",
+            "-n",
+            "9",
+            "--timeout",
+            "1.5s",
+            "--retries",
+            "0",
+            "--estimator",
+            "min-rtt",
+            "--json",
+            "--set",
         ])
         .unwrap();
         assert_eq!(plan.server, "[::1]:9");

@@ -81,7 +81,8 @@ pub async fn run(
         Ok(report) => report,
         Err(e) => {
             if plan.json {
-                report::write_json_error(out, server, &e).map_err(|e| Failure::new(Exit::NoAnswer, e))?;
+                report::write_json_error(out, server, &e)
+                    .map_err(|e| Failure::new(Exit::NoAnswer, e))?;
             }
             return Err(match e {
                 SyncError::NoAnswer(_) | SyncError::Estimate { .. } => {
@@ -109,7 +110,12 @@ pub async fn run(
     } else {
         report::write_human(out, &report, action)
     };
-    rendered.map_err(|e| Failure::new(Exit::NoAnswer, anyhow::anyhow!("cannot write the report: {e}")))?;
+    rendered.map_err(|e| {
+        Failure::new(
+            Exit::NoAnswer,
+            anyhow::anyhow!("cannot write the report: {e}"),
+        )
+    })?;
 
     match step_error {
         None => Ok(()),

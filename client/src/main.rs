@@ -13,7 +13,10 @@ fn main() -> ExitCode {
             exit: Exit::Usage,
             error: e.into(),
         }),
-        Ok(plan) => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(plan) => match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             Err(e) => report(Failure {
                 exit: Exit::NoAnswer,
                 error: anyhow::anyhow!("cannot start the async runtime: {e}"),

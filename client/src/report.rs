@@ -158,7 +158,11 @@ pub fn write_json(out: &mut dyn Write, report: &SyncReport, action: ClockAction)
 }
 
 /// Writes the JSON document of a failed sync.
-pub fn write_json_error(out: &mut dyn Write, server: SocketAddr, error: &SyncError) -> io::Result<()> {
+pub fn write_json_error(
+    out: &mut dyn Write,
+    server: SocketAddr,
+    error: &SyncError,
+) -> io::Result<()> {
     let status = match error {
         SyncError::NoAnswer(_) => "no_answer",
         SyncError::Estimate { .. } => "inconsistent",
@@ -174,7 +178,11 @@ pub fn write_json_error(out: &mut dyn Write, server: SocketAddr, error: &SyncErr
 }
 
 /// Writes the human report: each probe, the seeds' figures, the estimate.
-pub fn write_human(out: &mut dyn Write, report: &SyncReport, action: ClockAction) -> io::Result<()> {
+pub fn write_human(
+    out: &mut dyn Write,
+    report: &SyncReport,
+    action: ClockAction,
+) -> io::Result<()> {
     let e = &report.estimate;
     writeln!(
         out,
@@ -210,7 +218,8 @@ pub fn write_human(out: &mut dyn Write, report: &SyncReport, action: ClockAction
         )?;
     }
     writeln!(out)?;
-    let line = |out: &mut dyn Write, label: &str, value: String| writeln!(out, "{label:<19} {value}");
+    let line =
+        |out: &mut dyn Write, label: &str, value: String| writeln!(out, "{label:<19} {value}");
     line(out, "mean one-way delay", report.mean_delay.to_string())?;
     line(out, "local time", report.local_time().to_string())?;
     match (report.now, report.flow_time()) {
@@ -220,13 +229,13 @@ pub fn write_human(out: &mut dyn Write, report: &SyncReport, action: ClockAction
                 "server time",
                 format!("{}  (now(), rtt {})", now.server_time, now.rtt()),
             )?;
-            line(
-                out,
-                "server + delay",
-                format!("{flow}  (the classic flow)"),
-            )?;
+            line(out, "server + delay", format!("{flow}  (the classic flow)"))?;
         }
-        _ => line(out, "server time", "unknown (the now() call got no answer)".into())?,
+        _ => line(
+            out,
+            "server time",
+            "unknown (the now() call got no answer)".into(),
+        )?,
     }
     line(out, "synchronized time", stamp(report.synchronized_time()))?;
     line(

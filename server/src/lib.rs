@@ -95,7 +95,9 @@ pub enum BindError {
         addr: SocketAddr,
     },
     /// A privileged port without the privilege.
-    #[error("cannot listen on {addr}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)")]
+    #[error(
+        "cannot listen on {addr}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    )]
     PermissionDenied {
         /// The address asked for.
         addr: SocketAddr,
@@ -127,14 +129,15 @@ impl Server {
     /// Binds the socket. Must run inside a Tokio runtime.
     pub async fn bind(config: Config) -> Result<Server, BindError> {
         let addr = config.listen;
-        let socket = tokio::net::UdpSocket::bind(addr)
-            .await
-            .map_err(|source| match source.kind() {
-                io::ErrorKind::AddrInUse => BindError::InUse { addr },
-                io::ErrorKind::PermissionDenied => BindError::PermissionDenied { addr },
-                io::ErrorKind::AddrNotAvailable => BindError::NotAvailable { addr },
-                _ => BindError::Other { addr, source },
-            })?;
+        let socket =
+            tokio::net::UdpSocket::bind(addr)
+                .await
+                .map_err(|source| match source.kind() {
+                    io::ErrorKind::AddrInUse => BindError::InUse { addr },
+                    io::ErrorKind::PermissionDenied => BindError::PermissionDenied { addr },
+                    io::ErrorKind::AddrNotAvailable => BindError::NotAvailable { addr },
+                    _ => BindError::Other { addr, source },
+                })?;
         let clock: Arc<dyn Clock> = if config.offset == Nanos::ZERO {
             Arc::new(SystemClock)
         } else {

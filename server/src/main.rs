@@ -31,7 +31,12 @@ struct Args {
 
     /// Simulated clock skew added to every answer, such as +250ms or -1.5s
     /// (for demos and tests).
-    #[arg(long, default_value = "0", value_name = "DURATION", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        default_value = "0",
+        value_name = "DURATION",
+        allow_hyphen_values = true
+    )]
     offset: Nanos,
 
     /// Simulated work in every call, between receipt and reply, such as 20ms.
@@ -122,7 +127,9 @@ fn config_from(args: &Args) -> Result<Config, Failure> {
     let processing_delay = non_negative(args.processing_delay, "--processing-delay")?;
     let idle_timeout = non_negative(args.idle_timeout, "--idle-timeout")?;
     if args.max_peers == 0 {
-        return Err(Failure::usage(anyhow::anyhow!("invalid --max-peers '0': must be at least 1")));
+        return Err(Failure::usage(anyhow::anyhow!(
+            "invalid --max-peers '0': must be at least 1"
+        )));
     }
     Ok(Config {
         listen,

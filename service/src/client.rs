@@ -264,7 +264,10 @@ impl TimeClient {
     }
 
     /// One `now()` exchange, one request, no retry.
-    pub async fn now(&self, timeout: Duration) -> Result<Result<NowExchange, SampleError>, RpcError> {
+    pub async fn now(
+        &self,
+        timeout: Duration,
+    ) -> Result<Result<NowExchange, SampleError>, RpcError> {
         let mut ctx = context::current();
         ctx.deadline = Instant::now() + timeout;
         let sent = self.clock.now();
@@ -303,7 +306,11 @@ impl TimeClient {
                 sent += 1;
                 next_send = now + interval;
             }
-            let wake = if sent <= retries { next_send.min(deadline) } else { deadline };
+            let wake = if sent <= retries {
+                next_send.min(deadline)
+            } else {
+                deadline
+            };
             tokio::select! {
                 Some(result) = in_flight.next() => match result {
                     Ok(value) => return (CallOutcome::Answered(value), sent - 1),
@@ -425,9 +432,9 @@ impl TimeClient {
             .collect();
         let estimate = sync::estimate(&samples, now.as_ref(), options.estimator, &options.params)
             .map_err(|source| SyncError::Estimate {
-                server: self.server,
-                source,
-            })?;
+            server: self.server,
+            source,
+        })?;
         Ok(SyncReport {
             server: self.server,
             mean_delay: sync::mean_delay(&samples).unwrap_or_default(),

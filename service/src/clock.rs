@@ -8,6 +8,9 @@
 //! - [`ManualClock`] only moves when told to, and records every step and slew
 //!   asked of it, so clock-setting code is tested without touching the
 //!   machine's clock.
+//! - [`OffsetClock`] follows another clock plus an offset that steps and
+//!   slews change (and record): a settable clock that still moves, for
+//!   tests that exchange real packets.
 
 use crate::time::{Nanos, Timestamp};
 use std::fmt;
@@ -72,6 +75,18 @@ impl<C: Clock + ?Sized> Clock for std::sync::Arc<C> {
     }
 }
 
+impl<C: Clock + ?Sized> Clock for &C {
+    fn now(&self) -> Timestamp {
+        (**self).now()
+    }
+    fn step(&self, by: Nanos) -> Result<(), ClockError> {
+        (**self).step(by)
+    }
+    fn slew(&self, by: Nanos) -> Result<(), ClockError> {
+        (**self).slew(by)
+    }
+}
+
 /// The machine's real-time clock (`CLOCK_REALTIME`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock;
@@ -111,7 +126,9 @@ mod sys {
         if rc == -1 {
             let err = std::io::Error::last_os_error();
             return Err(match err.raw_os_error() {
-                Some(libc::EPERM) | Some(libc::EACCES) => ClockError::PermissionDenied { op: "step" },
+                Some(libc::EPERM) | Some(libc::EACCES) => {
+                    ClockError::PermissionDenied { op: "step" }
+                }
                 _ => ClockError::Os {
                     op: "step",
                     source: err,
@@ -199,17 +216,11 @@ impl ManualClock {
 
     /// The corrections asked of this clock so far, oldest first.
     pub fn adjustments(&self) -> Vec<Adjustment> {
-        self.adjustments
-            .lock()
-            .map(|a| a.clone())
-            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+        lock(&self.adjustments).clone()
     }
 
     fn record(&self, adjustment: Adjustment) {
-        match self.adjustments.lock() {
-            Ok(mut a) => a.push(adjustment),
-            Err(poisoned) => poisoned.into_inner().push(adjustment),
-        }
+        lock(&self.adjustments).push(adjustment);
     }
 }
 
@@ -227,6 +238,61 @@ impl Clock for ManualClock {
         self.advance(by);
         Ok(())
     }
+}
+
+/// Another clock plus an adjustable offset: for tests that need a clock
+/// which moves in real time and can be set. Steps and slews change the
+/// offset at once and are recorded like [`ManualClock`]'s.
+#[derive(Debug)]
+pub struct OffsetClock<C> {
+    inner: C,
+    offset: AtomicI64,
+    adjustments: Mutex<Vec<Adjustment>>,
+}
+
+impl<C: Clock> OffsetClock<C> {
+    /// A clock reading `offset` ahead of `inner`.
+    pub fn new(inner: C, offset: Nanos) -> Self {
+        OffsetClock {
+            inner,
+            offset: AtomicI64::new(offset.as_nanos()),
+            adjustments: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The current offset from the inner clock.
+    pub fn offset(&self) -> Nanos {
+        Nanos::from_nanos(self.offset.load(Ordering::SeqCst))
+    }
+
+    /// The corrections asked of this clock so far, oldest first.
+    pub fn adjustments(&self) -> Vec<Adjustment> {
+        lock(&self.adjustments).clone()
+    }
+
+    fn adjust(&self, adjustment: Adjustment, by: Nanos) {
+        lock(&self.adjustments).push(adjustment);
+        self.offset.fetch_add(by.as_nanos(), Ordering::SeqCst);
+    }
+}
+
+impl<C: Clock> Clock for OffsetClock<C> {
+    fn now(&self) -> Timestamp {
+        self.inner.now().saturating_add(self.offset())
+    }
+    fn step(&self, by: Nanos) -> Result<(), ClockError> {
+        self.adjust(Adjustment::Step(by), by);
+        Ok(())
+    }
+    fn slew(&self, by: Nanos) -> Result<(), ClockError> {
+        self.adjust(Adjustment::Slew(by), by);
+        Ok(())
+    }
+}
+
+/// Locks a mutex, taking the data even if a panicking test poisoned it.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -259,6 +325,20 @@ mod tests {
     }
 
     #[test]
+    fn offset_clock_moves_and_can_be_set() {
+        let c = OffsetClock::new(SystemClock, Nanos::from_secs(-10));
+        let reading = c.now();
+        let lag = SystemClock.now().diff_i128(reading);
+        assert!((10_000_000_000..10_100_000_000).contains(&lag), "{lag}");
+        c.step(Nanos::from_secs(10)).unwrap();
+        assert_eq!(c.offset(), Nanos::ZERO);
+        assert_eq!(
+            c.adjustments(),
+            vec![Adjustment::Step(Nanos::from_secs(10))]
+        );
+    }
+
+    #[test]
     fn manual_clock_records_corrections() {
         let c = ManualClock::new(Timestamp::EPOCH);
         c.step(Nanos::from_millis(250)).unwrap();
@@ -271,17 +351,5 @@ mod tests {
                 Adjustment::Slew(Nanos::from_micros(-3))
             ]
         );
-    }
-}
-
-impl<C: Clock + ?Sized> Clock for &C {
-    fn now(&self) -> Timestamp {
-        (**self).now()
-    }
-    fn step(&self, by: Nanos) -> Result<(), ClockError> {
-        (**self).step(by)
-    }
-    fn slew(&self, by: Nanos) -> Result<(), ClockError> {
-        (**self).slew(by)
     }
 }

@@ -16,6 +16,6 @@ pub mod time;
 pub mod transport;
 pub mod wire;
 
-pub use clock::{Clock, ManualClock, SkewedClock, SystemClock};
+pub use clock::{Clock, ManualClock, OffsetClock, SkewedClock, SystemClock};
 pub use rpc::{ProbeReply, TimeService, TimeServiceClient};
 pub use time::{Nanos, Timestamp};

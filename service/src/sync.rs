@@ -264,7 +264,10 @@ impl FromStr for Estimator {
             .find(|e| e.name() == s)
             .ok_or_else(|| {
                 let names: Vec<_> = Estimator::ALL.iter().map(|e| e.name()).collect();
-                format!("unknown estimator '{s}': expected one of {}", names.join(", "))
+                format!(
+                    "unknown estimator '{s}': expected one of {}",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -371,7 +374,7 @@ pub fn mean_delay(samples: &[Sample]) -> Option<Nanos> {
     }
     let sum: i128 = samples.iter().map(Sample::rtt_i128).sum();
     Some(Nanos::from_nanos(
-        div_round(sum, 2 * samples.len() as i128) as i64,
+        div_round(sum, 2 * samples.len() as i128) as i64
     ))
 }
 
@@ -506,7 +509,10 @@ mod tests {
         assert_eq!(s.delay(), Nanos::ZERO);
         assert_eq!(s.offset(), Nanos::from_nanos(1_000));
         let e = estimate(&[s], None, Estimator::MinRtt, &no_drift()).unwrap();
-        assert_eq!((e.offset, e.bound()), (Nanos::from_nanos(1_000), Nanos::ZERO));
+        assert_eq!(
+            (e.offset, e.bound()),
+            (Nanos::from_nanos(1_000), Nanos::ZERO)
+        );
     }
 
     #[test]
@@ -750,7 +756,12 @@ mod tests {
     /// A path: per exchange, delays out and back, server time, and a gap.
     fn path() -> impl Strategy<Value = Vec<(i64, i64, i64, i64)>> {
         prop::collection::vec(
-            (0..50_000_000i64, 0..50_000_000i64, 0..30_000_000i64, 0..100_000_000i64),
+            (
+                0..50_000_000i64,
+                0..50_000_000i64,
+                0..30_000_000i64,
+                0..100_000_000i64,
+            ),
             1..12,
         )
     }

@@ -230,8 +230,8 @@ impl fmt::Display for Nanos {
         // Integer arithmetic, rounded half up, so that display never goes
         // through f64.
         let step = 10u64.pow(decimals as u32);
-        let scaled = (u128::from(magnitude) * u128::from(step) + u128::from(scale) / 2)
-            / u128::from(scale);
+        let scaled =
+            (u128::from(magnitude) * u128::from(step) + u128::from(scale) / 2) / u128::from(scale);
         let whole = scaled / u128::from(step);
         let frac = scaled % u128::from(step);
         if decimals == 0 {
@@ -296,7 +296,10 @@ mod tests {
 
     #[test]
     fn displays_rfc3339_with_nanoseconds() {
-        assert_eq!(Timestamp::EPOCH.to_string(), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(
+            Timestamp::EPOCH.to_string(),
+            "1970-01-01T00:00:00.000000000Z"
+        );
         let t = Timestamp::from_nanos(1_795_986_000_250_000_001);
         assert_eq!(t.to_string(), "2026-11-29T21:00:00.250000001Z");
         assert_eq!(t.time_of_day().to_string(), "21:00:00.250000001");
@@ -306,8 +309,16 @@ mod tests {
 
     #[test]
     fn extreme_timestamps_display() {
-        assert!(Timestamp::from_nanos(i64::MIN).to_string().starts_with("1677-"));
-        assert!(Timestamp::from_nanos(i64::MAX).to_string().starts_with("2262-"));
+        assert!(
+            Timestamp::from_nanos(i64::MIN)
+                .to_string()
+                .starts_with("1677-")
+        );
+        assert!(
+            Timestamp::from_nanos(i64::MAX)
+                .to_string()
+                .starts_with("2262-")
+        );
     }
 
     #[test]
@@ -345,8 +356,14 @@ mod tests {
         assert_eq!(format!("{:.0}", Nanos::from_millis(3)), "3ms");
         assert_eq!(format!("{:+}", Nanos::from_millis(3)), "+3.000ms");
         assert_eq!(format!("{:+}", Nanos::from_millis(-3)), "-3.000ms");
-        assert_eq!(format!("{:+#}", Nanos::from_nanos(250_000_123)), "+250.000123ms");
-        assert_eq!(format!("{:#}", Nanos::from_nanos(-1_000_000_001)), "-1.000000001s");
+        assert_eq!(
+            format!("{:+#}", Nanos::from_nanos(250_000_123)),
+            "+250.000123ms"
+        );
+        assert_eq!(
+            format!("{:#}", Nanos::from_nanos(-1_000_000_001)),
+            "-1.000000001s"
+        );
         assert_eq!(Nanos::from_nanos(i64::MIN).to_string(), "-9223372036.855s");
     }
 
@@ -365,7 +382,11 @@ mod tests {
             ("7ns", 7),
         ];
         for (input, want) in ok {
-            assert_eq!(input.parse::<Nanos>(), Ok(Nanos::from_nanos(want)), "{input}");
+            assert_eq!(
+                input.parse::<Nanos>(),
+                Ok(Nanos::from_nanos(want)),
+                "{input}"
+            );
         }
         for bad in ["", "ms", "12", "5 parsecs", "++1s", "1e400s"] {
             let err = bad.parse::<Nanos>().unwrap_err();

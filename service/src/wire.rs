@@ -396,6 +396,24 @@ mod tests {
     }
 
     #[test]
+    fn matches_the_example_in_protocol_md() {
+        let mut b = buf();
+        let len = encode_client(
+            &ClientFrame::Request {
+                id: 5,
+                deadline: Duration::from_millis(500),
+                call: Call::Probe {
+                    ts1: Timestamp::from_nanos(1),
+                },
+            },
+            &mut b,
+        );
+        let mut want = vec![0x63, 0x66, 0x01, 0x01, 0x05, 0xa0, 0xc2, 0x1e, 0x00, 0x02];
+        want.resize(MIN_REQUEST_LEN, 0);
+        assert_eq!(&b[..len], &want[..]);
+    }
+
+    #[test]
     fn every_reply_fits_the_smallest_request() {
         for frame in largest_replies() {
             let mut b = buf();

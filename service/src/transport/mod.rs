@@ -57,6 +57,13 @@ pub(crate) fn is_transient(e: &io::Error) -> bool {
             | K::Interrupted
     ) || matches!(
         e.raw_os_error(),
-        Some(libc::EMSGSIZE | libc::ENOBUFS | libc::ENOMEM | libc::EPERM | libc::EHOSTDOWN | libc::EPROTO)
+        Some(
+            libc::EMSGSIZE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::EPERM
+                | libc::EHOSTDOWN
+                | libc::EPROTO
+        )
     )
 }

@@ -357,7 +357,11 @@ impl UdpServer {
     /// `run_channel` is called once per new peer with that peer's channel
     /// and must return the future that serves it (usually
     /// [`run_channel`](fn@run_channel)); each runs in a task of its own.
-    pub async fn run<F, Fut>(self, mut run_channel: F, shutdown: impl Future<Output = ()>) -> Arc<ServerStats>
+    pub async fn run<F, Fut>(
+        self,
+        mut run_channel: F,
+        shutdown: impl Future<Output = ()>,
+    ) -> Arc<ServerStats>
     where
         F: FnMut(PeerChannel) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
@@ -367,7 +371,8 @@ impl UdpServer {
         let mut buf = vec![0u8; MAX_DATAGRAM + 1];
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let idle_ticks = (self.config.idle_timeout.as_millis() / SWEEP_EVERY.as_millis()).max(1) as u64;
+        let idle_ticks =
+            (self.config.idle_timeout.as_millis() / SWEEP_EVERY.as_millis()).max(1) as u64;
         let mut tick: u64 = 0;
         // When the table fills, idle peers are evicted at most once per tick.
         let mut evicted_at_tick = None;
@@ -469,7 +474,10 @@ impl UdpServer {
             .await
             .is_err()
         {
-            warn!(remaining = tasks.len(), "requests still in flight at shutdown; abandoned");
+            warn!(
+                remaining = tasks.len(),
+                "requests still in flight at shutdown; abandoned"
+            );
             tasks.abort_all();
         }
         info!(stats = %self.stats, "server stopped");

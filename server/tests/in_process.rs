@@ -1,0 +1,366 @@
+//! The server and the client library in one process, over real loopback
+//! sockets: the transport's promises, checked datagram by datagram.
+
+use server::{Config, Server};
+use service::client::{SyncOptions, TimeClient};
+use service::clock::{Clock, SkewedClock, SystemClock};
+use service::sync::Estimator;
+use service::time::{Nanos, Timestamp};
+use service::transport::client::{UdpClientTransport, client_config};
+use service::transport::server::{ServerConfig, ServerStats};
+use service::wire::{self, Call, ClientFrame, MIN_REQUEST_LEN, Reply};
+use service::{TimeServiceClient, wire::DatagramBuf};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::UdpSocket;
+use tokio::sync::oneshot;
+
+struct Running {
+    addr: SocketAddr,
+    stats: Arc<ServerStats>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Arc<ServerStats>>,
+}
+
+impl Running {
+    async fn stop(mut self) -> Arc<ServerStats> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.task.await.expect("server task")
+    }
+}
+
+async fn start(config: Config) -> Running {
+    let server = Server::bind(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..config
+    })
+    .await
+    .expect("bind");
+    let addr = server.local_addr().unwrap();
+    let stats = server.stats();
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(server.run(async {
+        let _ = rx.await;
+    }));
+    Running {
+        addr,
+        stats,
+        stop: Some(tx),
+        task,
+    }
+}
+
+fn skewed(offset_ms: i64) -> Config {
+    Config {
+        offset: Nanos::from_millis(offset_ms),
+        ..Config::default()
+    }
+}
+
+#[tokio::test]
+async fn a_plain_tarpc_client_can_call_the_service() {
+    let server = start(skewed(250)).await;
+    let transport = UdpClientTransport::connect(server.addr).await.unwrap();
+    let client = TimeServiceClient::new(client_config(), transport).spawn();
+
+    let before = SystemClock.now();
+    let reply = client
+        .probe(tarpc::context::current(), Timestamp::EPOCH)
+        .await
+        .expect("probe");
+    let after = SystemClock.now();
+    // The transport stamped ts1 and ts4 itself, next to the socket.
+    assert!(before <= reply.ts1 && reply.ts1 <= after, "{reply:?}");
+    let ts4 = reply.ts4.expect("ts4 stamped by the transport");
+    assert!(reply.ts1 <= ts4 && ts4 <= after);
+    assert!(reply.ts2 <= reply.ts3);
+    let skew = reply.ts2.diff_i128(reply.ts1);
+    assert!((250_000_000..260_000_000).contains(&skew), "{skew}");
+
+    let now = client.now(tarpc::context::current()).await.expect("now");
+    let skew = now.diff_i128(SystemClock.now());
+    assert!((240_000_000..=250_000_000).contains(&skew), "{skew}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_250ms_behind_measures_plus_250ms() {
+    let server = start(Config::default()).await;
+    let behind: Arc<dyn Clock> = Arc::new(SkewedClock::new(SystemClock, Nanos::from_millis(-250)));
+    let client = TimeClient::connect_with_clock(server.addr, behind)
+        .await
+        .unwrap();
+    let report = client.sync(&SyncOptions::default()).await.expect("sync");
+    let truth = Nanos::from_millis(250);
+    for e in &report.estimates {
+        assert!(e.contains(truth), "{e:?}");
+    }
+    assert_eq!(report.samples.len(), 5);
+    assert_eq!(report.lost, 0);
+    assert!(report.estimate.bound() < Nanos::from_millis(5));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn every_estimator_can_be_chosen() {
+    let server = start(skewed(-40)).await;
+    let client = TimeClient::connect(server.addr).await.unwrap();
+    for estimator in Estimator::ALL {
+        let options = SyncOptions {
+            estimator,
+            ..SyncOptions::default()
+        };
+        let report = client.sync(&options).await.expect("sync");
+        assert_eq!(report.estimate.estimator, estimator);
+        assert!(
+            report.estimate.contains(Nanos::from_millis(-40)),
+            "{estimator}"
+        );
+    }
+    server.stop().await;
+}
+
+/// A raw client socket speaking the wire format by hand.
+async fn raw_client(server: SocketAddr) -> UdpSocket {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.connect(server).await.unwrap();
+    sock
+}
+
+fn request(id: u64, call: Call) -> Vec<u8> {
+    let mut buf: DatagramBuf = [0; wire::MAX_DATAGRAM];
+    let len = wire::encode_client(
+        &ClientFrame::Request {
+            id,
+            deadline: Duration::from_secs(5),
+            call,
+        },
+        &mut buf,
+    );
+    buf[..len].to_vec()
+}
+
+async fn recv_reply(sock: &UdpSocket, within: Duration) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 2048];
+    match tokio::time::timeout(within, sock.recv(&mut buf)).await {
+        Ok(Ok(n)) => Some(buf[..n].to_vec()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn replies_are_never_larger_than_requests() {
+    let server = start(Config {
+        transport: ServerConfig {
+            max_in_flight: 1,
+            ..ServerConfig::default()
+        },
+        processing_delay: Duration::from_millis(50),
+        ..skewed(1)
+    })
+    .await;
+    let sock = raw_client(server.addr).await;
+    let ts1 = Timestamp::from_nanos(i64::MIN);
+    // A probe, a now(), and a second request while the first is in flight
+    // (answered with an error: the largest reply the server makes).
+    let requests = [
+        request(u64::MAX, Call::Probe { ts1 }),
+        request(u64::MAX - 1, Call::Now),
+    ];
+    for r in &requests {
+        assert_eq!(r.len(), MIN_REQUEST_LEN);
+        sock.send(r).await.unwrap();
+    }
+    let mut kinds = Vec::new();
+    while let Some(reply) = recv_reply(&sock, Duration::from_millis(500)).await {
+        assert!(
+            reply.len() <= MIN_REQUEST_LEN,
+            "reply of {} bytes",
+            reply.len()
+        );
+        let frame = wire::decode_server(&reply).expect("valid reply");
+        kinds.push(match frame.reply {
+            Reply::Probe { ts1: echoed, .. } => {
+                assert_eq!(echoed, ts1);
+                "probe"
+            }
+            Reply::Now { .. } => "now",
+            Reply::Error { .. } => "error",
+        });
+    }
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        ["error", "probe"],
+        "one answered, one refused as busy"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn duplicated_and_stale_replies_never_make_a_wrong_sample() {
+    // A fake server that answers every request twice, once with a lie
+    // first: a reply to the right id but with another ts1 (stale), then
+    // the true answer, then the true answer again (duplicate).
+    let fake = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = fake.local_addr().unwrap();
+    let theta = Nanos::from_millis(80);
+    let responder = tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        let mut out: DatagramBuf = [0; wire::MAX_DATAGRAM];
+        for _ in 0..50 {
+            let Ok(Ok((n, from))) =
+                tokio::time::timeout(Duration::from_secs(2), fake.recv_from(&mut buf)).await
+            else {
+                break;
+            };
+            let Ok(ClientFrame::Request { id, call, .. }) = wire::decode_client(&buf[..n]) else {
+                continue;
+            };
+            let now = SystemClock.now().saturating_add(theta);
+            let replies = match call {
+                Call::Probe { ts1 } => vec![
+                    Reply::Probe {
+                        ts1: ts1.saturating_add(Nanos::from_nanos(1)),
+                        ts2: now.saturating_add(Nanos::from_secs(9)),
+                        ts3: now.saturating_add(Nanos::from_secs(9)),
+                    },
+                    Reply::Probe {
+                        ts1,
+                        ts2: now,
+                        ts3: now,
+                    },
+                    Reply::Probe {
+                        ts1,
+                        ts2: now.saturating_add(Nanos::from_secs(5)),
+                        ts3: now.saturating_add(Nanos::from_secs(5)),
+                    },
+                ],
+                Call::Now => vec![Reply::Now { time: now }, Reply::Now { time: now }],
+            };
+            for reply in replies {
+                let len =
+                    wire::encode_server(&wire::ServerFrame { id, reply }, &mut out, 48).unwrap();
+                let _ = fake.send_to(&out[..len], from).await;
+            }
+        }
+    });
+    let client = TimeClient::connect(addr).await.unwrap();
+    let report = client.sync(&SyncOptions::default()).await.expect("sync");
+    assert!(report.estimate.contains(theta), "{:?}", report.estimate);
+    for s in &report.samples {
+        assert!(
+            (s.offset().as_nanos() - theta.as_nanos()).abs() < 5_000_000,
+            "{s:?}"
+        );
+    }
+    // Per probe: the stale lie and the late duplicate were dropped.
+    assert!(client.stats().unmatched.get() >= 2 * report.samples.len() as u64);
+    responder.abort();
+}
+
+#[tokio::test]
+async fn a_full_peer_table_turns_new_peers_away_until_one_idles_out() {
+    let server = start(Config {
+        transport: ServerConfig {
+            max_peers: 2,
+            idle_timeout: Duration::from_millis(500),
+            ..ServerConfig::default()
+        },
+        ..Config::default()
+    })
+    .await;
+    let socks = [
+        raw_client(server.addr).await,
+        raw_client(server.addr).await,
+        raw_client(server.addr).await,
+    ];
+    let ts1 = SystemClock.now();
+    for s in &socks[..2] {
+        s.send(&request(1, Call::Probe { ts1 })).await.unwrap();
+        assert!(recv_reply(s, Duration::from_secs(1)).await.is_some());
+    }
+    // The table is full of peers seen this very moment: the third waits.
+    socks[2]
+        .send(&request(1, Call::Probe { ts1 }))
+        .await
+        .unwrap();
+    // The table is full of peers seen this very moment (unless a sweep tick
+    // has just passed, which lets the newcomer evict them): either way the
+    // outcome is counted.
+    match recv_reply(&socks[2], Duration::from_millis(100)).await {
+        None => assert_eq!(server.stats.table_full.get(), 1),
+        Some(_) => assert!(server.stats.peers_evicted.get() >= 1),
+    }
+    // Once the first two have been idle a while, the third gets in.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let started = Instant::now();
+    let mut answered = false;
+    while !answered && started.elapsed() < Duration::from_secs(3) {
+        socks[2]
+            .send(&request(2, Call::Probe { ts1 }))
+            .await
+            .unwrap();
+        answered = recv_reply(&socks[2], Duration::from_millis(200))
+            .await
+            .is_some();
+    }
+    assert!(answered, "third peer never admitted");
+    let stats = server.stop().await;
+    assert!(stats.peers_evicted.get() >= 1, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_lost_or_corrupted_under_a_burst() {
+    let server = start(skewed(3)).await;
+    let sock = raw_client(server.addr).await;
+    const N: u64 = 2_000;
+    let ts1 = |id: u64| Timestamp::from_nanos(1_000_000 + id as i64);
+    let mut replies = 0u64;
+    let mut buf = [0u8; 2048];
+    for id in 0..N {
+        sock.send(&request(id, Call::Probe { ts1: ts1(id) }))
+            .await
+            .unwrap();
+        // Read whatever has arrived, without waiting.
+        while let Ok(n) = sock.try_recv(&mut buf) {
+            check_burst_reply(&buf[..n], ts1);
+            replies += 1;
+        }
+    }
+    while let Some(reply) = recv_reply(&sock, Duration::from_millis(500)).await {
+        check_burst_reply(&reply, ts1);
+        replies += 1;
+    }
+    let stats = server.stop().await;
+    // The kernel may drop some of a burst before the server reads them;
+    // every datagram the server did read was either answered or dropped
+    // and counted.
+    assert!(stats.received.get() <= N, "{stats}");
+    assert_eq!(
+        stats.replied.get() + stats.queue_full.get(),
+        stats.received.get(),
+        "{stats}"
+    );
+    assert!(replies <= stats.replied.get());
+    assert!(replies > 0);
+}
+
+fn check_burst_reply(bytes: &[u8], ts1: impl Fn(u64) -> Timestamp) {
+    let frame = wire::decode_server(bytes).expect("valid reply");
+    match frame.reply {
+        Reply::Probe {
+            ts1: echoed,
+            ts2,
+            ts3,
+        } => {
+            assert_eq!(echoed, ts1(frame.id), "reply carries another request's ts1");
+            assert!(ts2 <= ts3);
+        }
+        Reply::Error { .. } => {}
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
