@@ -1,7 +1,7 @@
 //! End to end: every bad input ends with one clear line and the documented
 //! exit code, never a panic or a hang.
 
-use cerv_fient::{Cerv, bin, fient, json, run};
+use lab::{Cerv, bin, fient, json, run};
 use std::net::UdpSocket;
 use std::process::Command;
 use std::time::Duration;

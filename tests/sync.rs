@@ -1,7 +1,7 @@
 //! End to end: the real `cerv` and `fient` over loopback, measuring a
 //! server whose clock is skewed by a known amount.
 
-use cerv_fient::{Cerv, fient, json};
+use lab::{Cerv, fient, json};
 use std::net::UdpSocket;
 use std::time::Duration;
 

@@ -4,6 +4,7 @@ use clap::Parser;
 use service::client::{GIVE_UP_AFTER, SyncOptions};
 use service::sync::{Estimator, SyncParams};
 use service::time::Nanos;
+use service::transport::socket::Stamping;
 use std::time::Duration;
 
 const AFTER_HELP: &str = "\
@@ -42,15 +43,21 @@ pub struct Args {
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub retries: u32,
 
-    /// How the samples become one offset: combined, intersection, min-rtt
-    /// or mean-delay (the classic flow: now() plus the mean one-way delay).
-    #[arg(long, default_value = "combined", value_name = "NAME")]
+    /// How the samples become one offset: intersection (the midpoint of
+    /// what every exchange allows), min-rtt (the quietest sample) or
+    /// mean-delay (the classic flow: now() plus the mean one-way delay).
+    #[arg(long, default_value = "intersection", value_name = "NAME")]
     pub estimator: Estimator,
 
     /// Least one-way transfer time the path can have; tightens the bound,
     /// which is dishonest if the path is ever faster.
     #[arg(long, default_value = "0", value_name = "DURATION")]
     pub min_transfer: Nanos,
+
+    /// Where receive timestamps come from: kernel (the arrival time, the
+    /// default) or user (when the program reads the reply; for comparison).
+    #[arg(long, default_value = "kernel", value_name = "SOURCE")]
+    pub timestamping: Stamping,
 
     /// Print one JSON object instead of the human report.
     #[arg(long)]
@@ -72,6 +79,8 @@ pub struct Plan {
     pub json: bool,
     /// Step the clock.
     pub set: bool,
+    /// Receive timestamps.
+    pub stamping: Stamping,
 }
 
 /// An option outside its range; the message names it.
@@ -129,6 +138,7 @@ impl Args {
             },
             json: self.json,
             set: self.set,
+            stamping: self.timestamping,
         })
     }
 }
@@ -155,7 +165,7 @@ mod tests {
         assert_eq!(plan.server, "127.0.0.1:8081");
         assert_eq!(plan.options.probes, 5);
         assert_eq!(plan.options.timeout, Duration::from_millis(500));
-        assert_eq!(plan.options.estimator, Estimator::Combined);
+        assert_eq!(plan.options.estimator, Estimator::Intersection);
         assert!(!plan.json && !plan.set);
         assert_eq!(give_up_within(&plan.options), Duration::from_secs(1));
     }

@@ -69,7 +69,7 @@ pub async fn run(
     let server = address::resolve(&plan.server)
         .await
         .map_err(|e| Failure::new(Exit::Usage, e))?;
-    let client = TimeClient::connect_with_clock(server, clock.clone())
+    let client = TimeClient::connect_with(server, clock.clone(), plan.stamping)
         .await
         .map_err(|e| {
             Failure::new(

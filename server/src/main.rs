@@ -5,6 +5,7 @@ use clap::{Parser, ValueEnum};
 use server::{BindError, Config, Server};
 use service::time::Nanos;
 use service::transport::server::ServerConfig;
+use service::transport::socket::Stamping;
 use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
@@ -50,6 +51,12 @@ struct Args {
     /// Forget a client after this long without a request.
     #[arg(long, default_value = "30s", value_name = "DURATION")]
     idle_timeout: Nanos,
+
+    /// Where receive timestamps (ts2) come from: kernel (the arrival time,
+    /// the default) or user (when the server reads the request; for
+    /// comparison).
+    #[arg(long, default_value = "kernel", value_name = "SOURCE")]
+    timestamping: Stamping,
 
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -138,6 +145,7 @@ fn config_from(args: &Args) -> Result<Config, Failure> {
         transport: ServerConfig {
             max_peers: args.max_peers,
             idle_timeout: idle_timeout.max(Duration::from_millis(500)),
+            stamping: args.timestamping,
             ..ServerConfig::default()
         },
     })
@@ -158,6 +166,7 @@ fn run(args: Args) -> Result<(), Failure> {
         .context("cannot start the async runtime")
         .map_err(|error| Failure { code: 1, error })?;
     runtime.block_on(async {
+        let shutdown = shutdown_signal();
         let server = Server::bind(config.clone()).await?;
         let addr = server.local_addr().map_err(|e| Failure {
             code: 1,
@@ -168,32 +177,38 @@ fn run(args: Args) -> Result<(), Failure> {
             processing_delay = ?config.processing_delay,
             "listening on {addr}"
         );
-        server.run(shutdown_signal()).await;
+        server.run(shutdown).await;
         Ok(())
     })
 }
 
-/// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+/// Completes on Ctrl-C or SIGTERM. The handlers are installed when this
+/// is called, before the server says it is listening, so a signal sent as
+/// soon as it does is never missed.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
+    {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+        let interrupt = signal(SignalKind::interrupt());
+        let terminate = signal(SignalKind::terminate());
+        async move {
+            let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = wait(interrupt) => info!("interrupted; shutting down"),
+                () = wait(terminate) => info!("terminated; shutting down"),
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => info!("interrupted; shutting down"),
-        () = term => info!("terminated; shutting down"),
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+        info!("interrupted; shutting down");
     }
 }

@@ -26,6 +26,7 @@ use crate::sync::{
 };
 use crate::time::{Nanos, Timestamp};
 use crate::transport::client::{ClientStats, UdpClientTransport, client_config};
+use crate::transport::socket::Stamping;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use std::fmt;
@@ -58,7 +59,7 @@ impl Default for SyncOptions {
             probes: 5,
             timeout: Duration::from_millis(500),
             retries: 3,
-            estimator: Estimator::Combined,
+            estimator: Estimator::Intersection,
             params: SyncParams::default(),
         }
     }
@@ -228,7 +229,18 @@ impl TimeClient {
 
     /// Like [`connect`](Self::connect), with another clock.
     pub async fn connect_with_clock(server: SocketAddr, clock: Arc<dyn Clock>) -> io::Result<Self> {
-        let transport = UdpClientTransport::connect_with_clock(server, clock.clone()).await?;
+        Self::connect_with(server, clock, Stamping::Kernel).await
+    }
+
+    /// Like [`connect`](Self::connect), with another clock and a choice of
+    /// where receive timestamps come from.
+    pub async fn connect_with(
+        server: SocketAddr,
+        clock: Arc<dyn Clock>,
+        stamping: Stamping,
+    ) -> io::Result<Self> {
+        let socket = UdpClientTransport::bind_connected(server).await?;
+        let transport = UdpClientTransport::with_stamping(socket, clock.clone(), stamping);
         let stats = transport.stats();
         let rpc = TimeServiceClient::new(client_config(), transport).spawn();
         Ok(TimeClient {

@@ -23,6 +23,17 @@ pub trait Clock: Send + Sync + fmt::Debug {
     /// The current time on this clock.
     fn now(&self) -> Timestamp;
 
+    /// This clock's reading at the moment the system clock read `system`:
+    /// how a kernel timestamp (taken on the system clock) is carried over
+    /// to this clock. The default reads both clocks now and carries the
+    /// age across; clocks that are a fixed function of the system clock
+    /// override it exactly.
+    fn at_system_time(&self, system: Timestamp) -> Timestamp {
+        let age = SystemClock.now().diff_i128(system);
+        let age = Nanos::try_from_i128(age).unwrap_or(Nanos::MAX);
+        self.now().saturating_add(-age)
+    }
+
     /// Jumps the clock by `by` at once. Clocks that cannot be set return
     /// [`ClockError::Unsupported`].
     fn step(&self, by: Nanos) -> Result<(), ClockError> {
@@ -67,6 +78,9 @@ impl<C: Clock + ?Sized> Clock for std::sync::Arc<C> {
     fn now(&self) -> Timestamp {
         (**self).now()
     }
+    fn at_system_time(&self, system: Timestamp) -> Timestamp {
+        (**self).at_system_time(system)
+    }
     fn step(&self, by: Nanos) -> Result<(), ClockError> {
         (**self).step(by)
     }
@@ -78,6 +92,9 @@ impl<C: Clock + ?Sized> Clock for std::sync::Arc<C> {
 impl<C: Clock + ?Sized> Clock for &C {
     fn now(&self) -> Timestamp {
         (**self).now()
+    }
+    fn at_system_time(&self, system: Timestamp) -> Timestamp {
+        (**self).at_system_time(system)
     }
     fn step(&self, by: Nanos) -> Result<(), ClockError> {
         (**self).step(by)
@@ -95,6 +112,10 @@ impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
         // Out of range only after the year 2262.
         Timestamp::from_system_time(SystemTime::now()).unwrap_or(Timestamp::from_nanos(i64::MAX))
+    }
+
+    fn at_system_time(&self, system: Timestamp) -> Timestamp {
+        system
     }
 
     /// Steps `CLOCK_REALTIME` by `by` in one system call
@@ -171,6 +192,11 @@ impl<C: Clock> SkewedClock<C> {
 impl<C: Clock> Clock for SkewedClock<C> {
     fn now(&self) -> Timestamp {
         self.inner.now().saturating_add(self.offset)
+    }
+    fn at_system_time(&self, system: Timestamp) -> Timestamp {
+        self.inner
+            .at_system_time(system)
+            .saturating_add(self.offset)
     }
 }
 
@@ -279,6 +305,11 @@ impl<C: Clock> OffsetClock<C> {
 impl<C: Clock> Clock for OffsetClock<C> {
     fn now(&self) -> Timestamp {
         self.inner.now().saturating_add(self.offset())
+    }
+    fn at_system_time(&self, system: Timestamp) -> Timestamp {
+        self.inner
+            .at_system_time(system)
+            .saturating_add(self.offset())
     }
     fn step(&self, by: Nanos) -> Result<(), ClockError> {
         self.adjust(Adjustment::Step(by), by);

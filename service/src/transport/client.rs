@@ -1,6 +1,7 @@
 //! The client side of the UDP transport: a socket `connect()`ed to one
 //! server, as a tarpc `Stream`/`Sink` pair.
 
+use super::socket::{Stamping, enable_timestamps, poll_recv_stamped};
 use super::{Counter, is_transient};
 use crate::clock::{Clock, SystemClock};
 use crate::rpc::{ProbeReply, TimeServiceRequest, TimeServiceResponse};
@@ -15,7 +16,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 use tarpc::{ClientMessage, Response, ServerError};
-use tokio::io::ReadBuf;
 use tokio::net::UdpSocket;
 
 /// How many requests the transport remembers, to check each reply against
@@ -92,6 +92,15 @@ impl UdpClientTransport {
 
     /// Like [`connect`](Self::connect), reading timestamps from `clock`.
     pub async fn connect_with_clock(server: SocketAddr, clock: Arc<dyn Clock>) -> io::Result<Self> {
+        Ok(Self::from_connected(
+            Self::bind_connected(server).await?,
+            clock,
+        ))
+    }
+
+    /// A socket on an ephemeral port of `server`'s address family,
+    /// connected to it.
+    pub async fn bind_connected(server: SocketAddr) -> io::Result<UdpSocket> {
         let local: SocketAddr = if server.is_ipv4() {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         } else {
@@ -99,11 +108,23 @@ impl UdpClientTransport {
         };
         let socket = UdpSocket::bind(local).await?;
         socket.connect(server).await?;
-        Ok(Self::from_connected(socket, clock))
+        Ok(socket)
     }
 
-    /// Wraps a socket already connected to the server.
+    /// Wraps a socket already connected to the server, with kernel
+    /// receive timestamps.
     pub fn from_connected(socket: UdpSocket, clock: Arc<dyn Clock>) -> Self {
+        Self::with_stamping(socket, clock, Stamping::Kernel)
+    }
+
+    /// Wraps a connected socket, taking ts4 as `stamping` says (falling back
+    /// to user-space stamps if the kernel cannot).
+    pub fn with_stamping(socket: UdpSocket, clock: Arc<dyn Clock>, stamping: Stamping) -> Self {
+        if stamping == Stamping::Kernel
+            && let Err(e) = enable_timestamps(&socket)
+        {
+            tracing::debug!(error = %e, "kernel receive timestamps unavailable");
+        }
         UdpClientTransport {
             socket,
             clock,
@@ -252,12 +273,11 @@ impl Stream for UdpClientTransport {
             return Poll::Ready(None);
         }
         loop {
-            let mut buf = ReadBuf::new(&mut this.rx[..]);
-            match this.socket.poll_recv(cx, &mut buf) {
+            match poll_recv_stamped(&this.socket, cx, &mut this.rx[..]) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(())) => {
-                    let ts4 = this.clock.now();
-                    let len = buf.filled().len();
+                Poll::Ready(Ok(arrival)) => {
+                    let ts4 = arrival.time_on(&*this.clock);
+                    let len = arrival.len;
                     let frame = match wire::decode_server(&this.rx[..len]) {
                         Ok(frame) => frame,
                         Err(reason) => {

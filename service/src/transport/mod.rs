@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod server;
+pub mod socket;
 
 use std::fmt;
 use std::io;

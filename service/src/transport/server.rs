@@ -16,6 +16,7 @@
 //! queue is bounded, and a datagram that finds it full is dropped: UDP
 //! semantics, and the client retries.
 
+use super::socket::{Stamping, enable_timestamps, recv_stamped_async};
 use super::{Counter, is_transient};
 use crate::clock::Clock;
 use crate::rpc::{TimeServiceRequest, TimeServiceResponse};
@@ -55,6 +56,8 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// How long shutdown waits for requests in flight.
     pub shutdown_grace: Duration,
+    /// Where ts2 comes from.
+    pub stamping: Stamping,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +68,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(30),
             max_in_flight: 32,
             shutdown_grace: Duration::from_secs(2),
+            stamping: Stamping::Kernel,
         }
     }
 }
@@ -331,8 +335,15 @@ struct Peer {
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
 
 impl UdpServer {
-    /// A server reading `socket`, stamping with `clock`.
+    /// A server reading `socket`, stamping with `clock`. Asks the kernel
+    /// to stamp arrivals unless `config.stamping` says otherwise (and falls
+    /// back to user-space stamps, with a warning, if it cannot).
     pub fn new(socket: UdpSocket, clock: Arc<dyn Clock>, config: ServerConfig) -> Self {
+        if config.stamping == Stamping::Kernel
+            && let Err(e) = enable_timestamps(&socket)
+        {
+            warn!(error = %e, "kernel receive timestamps unavailable; stamping in user space");
+        }
         UdpServer {
             socket: Arc::new(socket),
             clock,
@@ -380,7 +391,7 @@ impl UdpServer {
         tokio::pin!(shutdown);
 
         loop {
-            let (len, from) = tokio::select! {
+            let (arrival, from) = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
                 _ = sweep.tick() => {
@@ -389,8 +400,11 @@ impl UdpServer {
                     while tasks.try_join_next().is_some() {}
                     continue;
                 }
-                received = self.socket.recv_from(&mut buf) => match received {
-                    Ok(r) => r,
+                received = recv_stamped_async(&self.socket, &mut buf) => match received {
+                    Ok(arrival) => match arrival.from {
+                        Some(from) => (arrival, from),
+                        None => continue,
+                    },
                     Err(e) => {
                         if !is_transient(&e) {
                             warn!(error = %e, "udp receive failed");
@@ -401,13 +415,13 @@ impl UdpServer {
                     }
                 },
             };
-            let received = self.clock.now();
+            let received = arrival.time_on(&*self.clock);
             self.stats.received.incr();
-            let frame = match wire::decode_client(&buf[..len]) {
+            let frame = match wire::decode_client(&buf[..arrival.len]) {
                 Ok(frame) => frame,
                 Err(reason) => {
                     self.stats.count_decode_error(reason);
-                    debug!(peer = %from, len, %reason, "dropping datagram");
+                    debug!(peer = %from, len = arrival.len, %reason, "dropping datagram");
                     continue;
                 }
             };

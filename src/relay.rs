@@ -1,0 +1,603 @@
+//! A user-space impairment relay for UDP on loopback.
+//!
+//! ```text
+//!  client ──▶ front socket ──(to_server: delay, jitter, loss, dup, reorder)──▶ back socket ──▶ server
+//!  client ◀── front socket ◀──(to_client: delay, jitter, loss, dup, reorder)── back socket ◀── server
+//! ```
+//!
+//! The relay listens on a loopback port; each client address gets its own
+//! back socket toward the server, so the server sees one peer per client,
+//! as it would without the relay. Every datagram's fate is drawn from a
+//! seeded generator, one per direction, so a run with the same traffic
+//! repeats exactly.
+//!
+//! Timing: arrivals are stamped by the kernel (`SO_TIMESTAMPNS`), so the
+//! relay's own wake-up latency is absorbed into the delay instead of added
+//! to it; sends are scheduled by one thread that sleeps with a 1 ns timer
+//! slack until just before each deadline and spins the last few
+//! microseconds. Delays are then accurate to a few microseconds on an idle
+//! machine. A zero delay is forwarded at once.
+//!
+//! Everything is bounded: the relay stops when [`Relay::stop`] is called or
+//! it is dropped, every blocking read has a short timeout, and the number
+//! of clients and queued datagrams is capped.
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use rand_distr::{Distribution, Normal};
+use service::clock::{Clock, SystemClock};
+use service::transport::socket::{enable_timestamps, recv_stamped};
+use std::collections::{BinaryHeap, HashMap};
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How delay varies around its mean.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Jitter {
+    /// Every datagram takes exactly the delay.
+    None,
+    /// Uniform within ± this.
+    Uniform(Duration),
+    /// Normal with this standard deviation (negative draws become zero).
+    Normal(Duration),
+}
+
+/// What happens to datagrams going one way.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Direction {
+    /// Mean one-way delay added.
+    pub delay: Duration,
+    /// Variation around it.
+    pub jitter: Jitter,
+    /// Share dropped, 0 to 1.
+    pub loss: f64,
+    /// Share sent twice (the copy with its own delay), 0 to 1.
+    pub duplicate: f64,
+    /// Share held back by [`Direction::reorder_hold`] more, so that later
+    /// datagrams overtake them, 0 to 1.
+    pub reorder: f64,
+    /// Extra delay of a reordered datagram.
+    pub reorder_hold: Duration,
+}
+
+impl Default for Direction {
+    fn default() -> Self {
+        Direction::CLEAN
+    }
+}
+
+impl Direction {
+    /// Nothing added.
+    pub const CLEAN: Direction = Direction {
+        delay: Duration::ZERO,
+        jitter: Jitter::None,
+        loss: 0.0,
+        duplicate: 0.0,
+        reorder: 0.0,
+        reorder_hold: Duration::from_millis(2),
+    };
+
+    /// A fixed delay.
+    pub fn delay(delay: Duration) -> Self {
+        Direction {
+            delay,
+            ..Direction::CLEAN
+        }
+    }
+
+    /// With jitter.
+    pub fn jitter(self, jitter: Jitter) -> Self {
+        Direction { jitter, ..self }
+    }
+
+    /// With loss.
+    pub fn loss(self, loss: f64) -> Self {
+        Direction { loss, ..self }
+    }
+
+    /// With duplication.
+    pub fn duplicate(self, duplicate: f64) -> Self {
+        Direction { duplicate, ..self }
+    }
+
+    /// With reordering.
+    pub fn reorder(self, reorder: f64) -> Self {
+        Direction { reorder, ..self }
+    }
+
+    fn draw_delay(&self, rng: &mut StdRng) -> Duration {
+        let mean = self.delay.as_secs_f64();
+        let secs = match self.jitter {
+            Jitter::None => mean,
+            Jitter::Uniform(j) => {
+                let j = j.as_secs_f64();
+                mean + (rng.random::<f64>() * 2.0 - 1.0) * j
+            }
+            Jitter::Normal(sd) => match Normal::new(mean, sd.as_secs_f64()) {
+                Ok(normal) => normal.sample(rng),
+                Err(_) => mean,
+            },
+        };
+        Duration::from_secs_f64(secs.max(0.0))
+    }
+
+    /// The send times of one datagram: none if lost, two if duplicated.
+    fn fate(&self, rng: &mut StdRng) -> Fate {
+        // Draw every number every time, so one datagram's fate does not
+        // shift the draws of the next.
+        let lost = rng.random::<f64>() < self.loss;
+        let duplicated = rng.random::<f64>() < self.duplicate;
+        let reordered = rng.random::<f64>() < self.reorder;
+        let first = self.draw_delay(rng);
+        let second = self.draw_delay(rng);
+        if lost {
+            return Fate::Lost;
+        }
+        let hold = if reordered {
+            self.reorder_hold
+        } else {
+            Duration::ZERO
+        };
+        Fate::Send {
+            delays: [Some(first + hold), duplicated.then_some(second)],
+            reordered,
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.delay)?;
+        match self.jitter {
+            Jitter::None => {}
+            Jitter::Uniform(j) => write!(f, " ± {j:?} uniform")?,
+            Jitter::Normal(j) => write!(f, " ± {j:?} normal")?,
+        }
+        for (share, what) in [
+            (self.loss, "loss"),
+            (self.duplicate, "dup"),
+            (self.reorder, "reorder"),
+        ] {
+            if share > 0.0 {
+                write!(f, ", {:.0}% {what}", share * 100.0)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+enum Fate {
+    Lost,
+    Send {
+        delays: [Option<Duration>; 2],
+        reordered: bool,
+    },
+}
+
+/// Both directions.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Impairment {
+    /// Client to server.
+    pub to_server: Direction,
+    /// Server to client.
+    pub to_client: Direction,
+}
+
+impl Impairment {
+    /// The same both ways.
+    pub fn symmetric(d: Direction) -> Self {
+        Impairment {
+            to_server: d,
+            to_client: d,
+        }
+    }
+}
+
+/// Per-direction counters.
+#[derive(Debug, Default)]
+pub struct DirectionStats {
+    /// Datagrams read.
+    pub received: AtomicU64,
+    /// Datagrams sent on (copies included).
+    pub sent: AtomicU64,
+    /// Dropped on purpose.
+    pub lost: AtomicU64,
+    /// Extra copies sent.
+    pub duplicated: AtomicU64,
+    /// Held back to be overtaken.
+    pub reordered: AtomicU64,
+    /// Largest lateness of a send against its schedule, in nanoseconds.
+    pub max_late_ns: AtomicU64,
+}
+
+/// What the relay did.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Client to server.
+    pub to_server: DirectionStats,
+    /// Server to client.
+    pub to_client: DirectionStats,
+}
+
+/// Most clients one relay serves.
+const MAX_SESSIONS: usize = 256;
+/// Most datagrams waiting to be sent.
+const MAX_QUEUED: usize = 100_000;
+/// How often blocked reads look at the stop flag.
+const POLL: Duration = Duration::from_millis(20);
+/// The scheduler spins this long before a deadline instead of sleeping.
+const SPIN: Duration = Duration::from_micros(60);
+
+struct Scheduled {
+    due: Instant,
+    seq: u64,
+    bytes: Vec<u8>,
+    via: Arc<UdpSocket>,
+    to: Option<SocketAddr>,
+    to_server: bool,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.due, self.seq) == (other.due, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    /// Reversed: the heap's top is the earliest.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (other.due, other.seq).cmp(&(self.due, self.seq))
+    }
+}
+
+/// A running relay.
+pub struct Relay {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+    stats: Arc<RelayStats>,
+}
+
+/// The half of the relay that reads one socket and schedules what it reads.
+struct Reader {
+    socket: Arc<UdpSocket>,
+    direction: Direction,
+    rng: Arc<Mutex<StdRng>>,
+    stats: Arc<RelayStats>,
+    to_server: bool,
+    schedule: mpsc::SyncSender<Scheduled>,
+    seq: Arc<AtomicU64>,
+}
+
+impl Reader {
+    fn stats(&self) -> &DirectionStats {
+        if self.to_server {
+            &self.stats.to_server
+        } else {
+            &self.stats.to_client
+        }
+    }
+
+    /// Decides the fate of one datagram and queues its sends.
+    fn relay(&self, bytes: &[u8], arrived: Instant, via: &Arc<UdpSocket>, to: Option<SocketAddr>) {
+        let stats = self.stats();
+        stats.received.fetch_add(1, Ordering::Relaxed);
+        let fate = match self.rng.lock() {
+            Ok(mut rng) => self.direction.fate(&mut rng),
+            Err(_) => return,
+        };
+        let Fate::Send { delays, reordered } = fate else {
+            stats.lost.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if reordered {
+            stats.reordered.fetch_add(1, Ordering::Relaxed);
+        }
+        if delays[1].is_some() {
+            stats.duplicated.fetch_add(1, Ordering::Relaxed);
+        }
+        for delay in delays.into_iter().flatten() {
+            let item = Scheduled {
+                due: arrived + delay,
+                seq: self.seq.fetch_add(1, Ordering::Relaxed),
+                bytes: bytes.to_vec(),
+                via: via.clone(),
+                to,
+                to_server: self.to_server,
+            };
+            // A full queue drops, like a full router buffer.
+            let _ = self.schedule.try_send(item);
+        }
+    }
+}
+
+/// Reads one datagram with its arrival time mapped onto `Instant`.
+fn read(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, Option<SocketAddr>, Instant)> {
+    let arrival = recv_stamped(socket.as_raw_fd(), buf)?;
+    let now = Instant::now();
+    let at = match arrival.kernel_time {
+        Some(kernel) => {
+            let age = SystemClock.now().diff_i128(kernel).clamp(0, 1_000_000_000);
+            now - Duration::from_nanos(age as u64)
+        }
+        None => now,
+    };
+    Ok((arrival.len, arrival.from, at))
+}
+
+fn set_timer_slack_1ns() {
+    // SAFETY: prctl with PR_SET_TIMERSLACK only changes this thread's timer
+    // slack.
+    #[cfg(target_os = "linux")]
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+    }
+}
+
+impl Relay {
+    /// Starts a relay on a free loopback port toward `server`.
+    pub fn start(server: SocketAddr, impairment: Impairment, seed: u64) -> io::Result<Relay> {
+        Self::start_on((server.ip(), 0).into(), server, impairment, seed)
+    }
+
+    /// Starts a relay listening on `listen` toward `server`.
+    pub fn start_on(
+        listen: SocketAddr,
+        server: SocketAddr,
+        impairment: Impairment,
+        seed: u64,
+    ) -> io::Result<Relay> {
+        let front = Arc::new(UdpSocket::bind(listen)?);
+        enable_timestamps(&*front)?;
+        front.set_read_timeout(Some(POLL))?;
+        let addr = front.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(RelayStats::default());
+        let seq = Arc::new(AtomicU64::new(0));
+        let (schedule, queue) = mpsc::sync_channel::<Scheduled>(MAX_QUEUED);
+        let mut threads = Vec::new();
+
+        threads.push(thread::spawn({
+            let stop = stop.clone();
+            let stats = stats.clone();
+            move || run_scheduler(queue, &stop, &stats)
+        }));
+
+        let to_client_rng = Arc::new(Mutex::new(StdRng::seed_from_u64(seed ^ 0x5eed_0002)));
+        let front_reader = Reader {
+            socket: front.clone(),
+            direction: impairment.to_server,
+            rng: Arc::new(Mutex::new(StdRng::seed_from_u64(seed ^ 0x5eed_0001))),
+            stats: stats.clone(),
+            to_server: true,
+            schedule: schedule.clone(),
+            seq: seq.clone(),
+        };
+        threads.push(thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let mut sessions: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+                let mut backs = Vec::new();
+                let mut buf = vec![0u8; 65_536];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((len, Some(client), arrived)) = read(&front_reader.socket, &mut buf)
+                    else {
+                        continue;
+                    };
+                    let back = match sessions.get(&client) {
+                        Some(back) => back.clone(),
+                        None if sessions.len() >= MAX_SESSIONS => continue,
+                        None => {
+                            let Ok(back) = open_back(server) else {
+                                continue;
+                            };
+                            sessions.insert(client, back.clone());
+                            let reader = Reader {
+                                socket: back.clone(),
+                                direction: impairment.to_client,
+                                rng: to_client_rng.clone(),
+                                stats: front_reader.stats.clone(),
+                                to_server: false,
+                                schedule: front_reader.schedule.clone(),
+                                seq: front_reader.seq.clone(),
+                            };
+                            let front = front_reader.socket.clone();
+                            let stop = stop.clone();
+                            backs.push(thread::spawn(move || {
+                                let mut buf = vec![0u8; 65_536];
+                                while !stop.load(Ordering::Relaxed) {
+                                    if let Ok((len, _, arrived)) = read(&reader.socket, &mut buf) {
+                                        reader.relay(&buf[..len], arrived, &front, Some(client));
+                                    }
+                                }
+                            }));
+                            back
+                        }
+                    };
+                    front_reader.relay(&buf[..len], arrived, &back, None);
+                }
+                for b in backs {
+                    let _ = b.join();
+                }
+            }
+        }));
+        Ok(Relay {
+            addr,
+            stop,
+            threads,
+            stats,
+        })
+    }
+
+    /// The address clients send to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &RelayStats {
+        &self.stats
+    }
+
+    /// Stops every thread and waits for them.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn open_back(server: SocketAddr) -> io::Result<Arc<UdpSocket>> {
+    let back = UdpSocket::bind((server.ip(), 0))?;
+    back.connect(server)?;
+    enable_timestamps(&back)?;
+    back.set_read_timeout(Some(POLL))?;
+    Ok(Arc::new(back))
+}
+
+fn run_scheduler(queue: mpsc::Receiver<Scheduled>, stop: &AtomicBool, stats: &RelayStats) {
+    set_timer_slack_1ns();
+    let mut heap: BinaryHeap<Scheduled> = BinaryHeap::new();
+    while !stop.load(Ordering::Relaxed) {
+        // Take in new work, waiting at most until the next deadline.
+        let wait = heap
+            .peek()
+            .map(|s| {
+                s.due
+                    .saturating_duration_since(Instant::now())
+                    .saturating_sub(SPIN)
+            })
+            .unwrap_or(POLL)
+            .min(POLL);
+        match queue.recv_timeout(wait) {
+            Ok(item) => {
+                heap.push(item);
+                while let Ok(item) = queue.try_recv() {
+                    heap.push(item);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                if heap.is_empty() {
+                    return;
+                }
+            }
+        }
+        // Send what is due, spinning through the last microseconds.
+        while let Some(next) = heap.peek() {
+            let now = Instant::now();
+            if next.due > now + SPIN {
+                break;
+            }
+            while Instant::now() < next.due {
+                std::hint::spin_loop();
+            }
+            let Some(item) = heap.pop() else { break };
+            let late = Instant::now()
+                .saturating_duration_since(item.due)
+                .as_nanos() as u64;
+            let dir = if item.to_server {
+                &stats.to_server
+            } else {
+                &stats.to_client
+            };
+            dir.max_late_ns.fetch_max(late, Ordering::Relaxed);
+            let sent = match item.to {
+                Some(to) => item.via.send_to(&item.bytes, to),
+                None => item.via.send(&item.bytes),
+            };
+            if sent.is_ok() {
+                dir.sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fates_repeat_from_a_seed() {
+        let d = Direction::delay(Duration::from_millis(2))
+            .jitter(Jitter::Normal(Duration::from_millis(1)))
+            .loss(0.2)
+            .duplicate(0.1)
+            .reorder(0.1);
+        let draw = |seed| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            (0..200)
+                .map(|_| match d.fate(&mut rng) {
+                    Fate::Lost => None,
+                    Fate::Send { delays, .. } => Some(delays),
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn shares_come_out_near_their_settings() {
+        let d = Direction::delay(Duration::from_millis(1))
+            .jitter(Jitter::Uniform(Duration::from_micros(100)))
+            .loss(0.2)
+            .duplicate(0.1);
+        let mut rng = StdRng::seed_from_u64(1);
+        let (mut lost, mut dup, mut n) = (0, 0, 0);
+        for _ in 0..10_000 {
+            n += 1;
+            match d.fate(&mut rng) {
+                Fate::Lost => lost += 1,
+                Fate::Send { delays, .. } => {
+                    let first = delays[0].unwrap();
+                    assert!(
+                        first >= Duration::from_micros(900) && first <= Duration::from_micros(1100)
+                    );
+                    if delays[1].is_some() {
+                        dup += 1;
+                    }
+                }
+            }
+        }
+        let loss = lost as f64 / n as f64;
+        let dups = dup as f64 / n as f64;
+        assert!((0.18..0.22).contains(&loss), "{loss}");
+        assert!((0.07..0.10).contains(&dups), "{dups}");
+    }
+
+    #[test]
+    fn normal_jitter_never_goes_negative() {
+        let d = Direction::delay(Duration::from_micros(100))
+            .jitter(Jitter::Normal(Duration::from_millis(5)));
+        let mut rng = StdRng::seed_from_u64(3);
+        for _ in 0..1000 {
+            if let Fate::Send { delays, .. } = d.fate(&mut rng) {
+                assert!(delays[0].is_some());
+            }
+        }
+    }
+}
