@@ -86,12 +86,68 @@ fn mid_and_mean(s: &[Sample], lo: i64, hi: i64) -> i64 {
     (m + midpoint(s, lo, hi)) / 2
 }
 
+fn mid_and_median(s: &[Sample], lo: i64, hi: i64) -> i64 {
+    let m = median(&mut offsets(s)).clamp(lo, hi);
+    (m + midpoint(s, lo, hi)) / 2
+}
+
+fn mid_and_filtered(s: &[Sample], lo: i64, hi: i64) -> i64 {
+    let m = mean(&filtered(s, 2)).clamp(lo, hi);
+    (m + midpoint(s, lo, hi)) / 2
+}
+
+fn median_with_mid(s: &[Sample], lo: i64, hi: i64) -> i64 {
+    let mut v = offsets(s);
+    v.push(midpoint(s, lo, hi));
+    median(&mut v)
+}
+
+fn blend(s: &[Sample], lo: i64, hi: i64, mid_weight: i64) -> i64 {
+    let m = median(&mut offsets(s)).clamp(lo, hi);
+    (m * (4 - mid_weight) + midpoint(s, lo, hi) * mid_weight) / 4
+}
+
+/// Each sample's interval clipped to the intersection; the median of their
+/// midpoints. A wide (noisy) sample collapses to the intersection's midpoint.
+fn clipped_midpoints_median(s: &[Sample], lo: i64, hi: i64) -> i64 {
+    let mut mids: Vec<i64> = s
+        .iter()
+        .map(|x| {
+            let o = x.offset().as_nanos();
+            let half = x.rtt().as_nanos() / 2;
+            let (a, b) = ((o - half).max(lo), (o + half).min(hi));
+            a + (b - a) / 2
+        })
+        .collect();
+    median(&mut mids)
+}
+
+fn clipped_midpoints_mean(s: &[Sample], lo: i64, hi: i64) -> i64 {
+    let mids: Vec<i64> = s
+        .iter()
+        .map(|x| {
+            let o = x.offset().as_nanos();
+            let half = x.rtt().as_nanos() / 2;
+            let (a, b) = ((o - half).max(lo), (o + half).min(hi));
+            a + (b - a) / 2
+        })
+        .collect();
+    mean(&mids)
+}
+
 fn main() {
     let path = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "target/lab/runs.jsonl".into());
     let text = std::fs::read_to_string(&path).expect("read the dump");
-    let candidates: [(&str, Candidate); 8] = [
+    let candidates: [(&str, Candidate); 15] = [
+        ("3/4 midpoint + 1/4 median", |s, lo, hi| blend(s, lo, hi, 3)),
+        ("1/4 midpoint + 3/4 median", |s, lo, hi| blend(s, lo, hi, 1)),
+        ("median of clipped midpoints", clipped_midpoints_median),
+        ("mean of clipped midpoints", clipped_midpoints_mean),
+        ("(midpoint + median) / 2", mid_and_median),
+        ("(midpoint + mean rtt ≤ 2×min) / 2", mid_and_filtered),
+        ("median of offsets and midpoint", median_with_mid),
         ("midpoint (intersection)", midpoint),
         ("mean of all", mean_all),
         ("mean, rtt ≤ 3×min (combined)", mean_filtered3),

@@ -43,10 +43,12 @@ pub struct Args {
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub retries: u32,
 
-    /// How the samples become one offset: intersection (the midpoint of
-    /// what every exchange allows), min-rtt (the quietest sample) or
-    /// mean-delay (the classic flow: now() plus the mean one-way delay).
-    #[arg(long, default_value = "intersection", value_name = "NAME")]
+    /// How the samples become one offset: mid-median (halfway between the
+    /// intersection's midpoint and the median sample), intersection (the
+    /// midpoint of what every exchange allows), min-rtt (the quietest
+    /// sample) or mean-delay (the classic flow: now() plus the mean one-way
+    /// delay).
+    #[arg(long, default_value = "mid-median", value_name = "NAME")]
     pub estimator: Estimator,
 
     /// Least one-way transfer time the path can have; tightens the bound,
@@ -165,7 +167,7 @@ mod tests {
         assert_eq!(plan.server, "127.0.0.1:8081");
         assert_eq!(plan.options.probes, 5);
         assert_eq!(plan.options.timeout, Duration::from_millis(500));
-        assert_eq!(plan.options.estimator, Estimator::Intersection);
+        assert_eq!(plan.options.estimator, Estimator::MidMedian);
         assert!(!plan.json && !plan.set);
         assert_eq!(give_up_within(&plan.options), Duration::from_secs(1));
     }

@@ -14,10 +14,10 @@
 //! [`TimeClient::sync`] runs the flow of the design: `probes` exchanges,
 //! the mean one-way delay, then `now()`, and the estimate. Each call has a
 //! time budget (`timeout`); a request that gets no answer is sent again
-//! within that budget (up to `retries` more times, spaced by a few round
-//! trips once the round trip is known), so a lost datagram costs
-//! milliseconds, not the whole timeout. A probe whose budget runs out is
-//! skipped and counted as lost.
+//! within that budget, up to `retries` more times: first after four round
+//! trips (25 ms before any round trip is known), then after twice as long
+//! each time. A lost datagram costs milliseconds, not the whole timeout.
+//! A probe whose budget runs out is skipped and counted as lost.
 
 use crate::clock::{Clock, SystemClock};
 use crate::rpc::TimeServiceClient;
@@ -59,7 +59,7 @@ impl Default for SyncOptions {
             probes: 5,
             timeout: Duration::from_millis(500),
             retries: 3,
-            estimator: Estimator::Intersection,
+            estimator: Estimator::MidMedian,
             params: SyncParams::default(),
         }
     }
@@ -72,6 +72,12 @@ impl SyncOptions {
         self.timeout * (self.probes + 1)
     }
 }
+
+/// The first retry of the first call, before any round trip is known.
+/// Shorter than most round trips across the internet, so such a path may
+/// see a needless retry or two (harmless: the first answer to any of them
+/// is used); far longer than any on a LAN.
+pub const FIRST_RETRY: Duration = Duration::from_millis(25);
 
 /// Consecutive unanswered probes, from a server that has not answered once,
 /// after which a sync gives up: a dead server is reported within
@@ -288,10 +294,10 @@ impl TimeClient {
         Ok(NowExchange::new(sent, server_time, received))
     }
 
-    /// Runs `attempt` until one answers, sending it again every `interval`
-    /// (at most `retries` more times) while earlier ones stay in flight,
-    /// all within `budget`. Returns the outcome and the number of sends
-    /// left unanswered.
+    /// Runs `attempt` until one answers, sending it again after `interval`,
+    /// then twice that, and so on (at most `retries` more times), while
+    /// earlier ones stay in flight, all within `budget`. Returns the outcome
+    /// and the number of sends left unanswered.
     async fn call_with_retries<T, F, Fut>(
         &self,
         budget: Duration,
@@ -307,6 +313,7 @@ impl TimeClient {
         let mut in_flight = FuturesUnordered::new();
         let mut sent = 0u32;
         let mut next_send = tokio::time::Instant::now();
+        let mut interval = interval;
         let mut server_errors = 0u32;
         loop {
             let now = tokio::time::Instant::now();
@@ -317,6 +324,7 @@ impl TimeClient {
                 in_flight.push(attempt(deadline - now));
                 sent += 1;
                 next_send = now + interval;
+                interval = interval.saturating_mul(2);
             }
             let wake = if sent <= retries {
                 next_send.min(deadline)
@@ -349,16 +357,18 @@ impl TimeClient {
         (outcome, sent - server_errors)
     }
 
-    /// The spacing of retries: a few round trips once one is known, an
-    /// even share of the budget before.
+    /// The wait before the first retry (later ones double it): four of the
+    /// longest round trips seen so far (at least 2 ms), or
+    /// [`FIRST_RETRY`] before any is known. A retry that turns out
+    /// needless costs one small datagram; a late one costs the time.
     fn retry_interval(options: &SyncOptions, samples: &[Sample]) -> Duration {
-        let share = options.timeout / (options.retries + 1);
+        let cap = options.timeout / 2;
         match samples.iter().map(|s| s.ts4().diff_i128(s.ts1())).max() {
             Some(rtt) => {
                 let rtt = Duration::from_nanos(u64::try_from(rtt).unwrap_or(u64::MAX));
-                (rtt * 4).max(Duration::from_millis(5)).min(share)
+                (rtt * 4).max(Duration::from_millis(2)).min(cap)
             }
-            None => share,
+            None => FIRST_RETRY.min(cap),
         }
     }
 

@@ -225,14 +225,22 @@ pub enum Estimator {
     /// The midpoint of the intersection of every exchange's interval: each
     /// exchange confines the offset to an interval, so all of them together
     /// confine it to their intersection, and its midpoint is the estimate
-    /// whose worst-case error is least. The default, chosen by measurement
-    /// (see `examples/estimators.rs` and the README's accuracy table).
+    /// whose worst-case error (and so whose bound) is least.
     Intersection,
+    /// Halfway between the intersection's midpoint and the median of the
+    /// samples' offsets (brought inside the intersection). The midpoint rests on
+    /// the two quietest one-way trips only; the median on every sample, but
+    /// not on any one outlier. Blending them errs less than either under
+    /// jitter, and the bound (to the intersection's far edge) stays honest.
+    /// The default, chosen by measurement: see `examples/estimators.rs` and
+    /// the README's accuracy section.
+    MidMedian,
 }
 
 impl Estimator {
     /// Every estimator, in the order reports list them.
-    pub const ALL: [Estimator; 3] = [
+    pub const ALL: [Estimator; 4] = [
+        Estimator::MidMedian,
         Estimator::Intersection,
         Estimator::MinRtt,
         Estimator::MeanDelay,
@@ -244,6 +252,7 @@ impl Estimator {
             Estimator::MeanDelay => "mean-delay",
             Estimator::MinRtt => "min-rtt",
             Estimator::Intersection => "intersection",
+            Estimator::MidMedian => "mid-median",
         }
     }
 }
@@ -385,6 +394,22 @@ pub fn min_rtt_sample(samples: &[Sample]) -> Option<(usize, &Sample)> {
         .min_by_key(|(i, s)| (s.rtt_i128(), std::cmp::Reverse(*i)))
 }
 
+/// Twice the median of the samples' offsets (the mean of the two middle ones
+/// for an even count), exact.
+fn twice_median_offset(samples: &[Sample]) -> Option<i128> {
+    let mut twice: Vec<i128> = samples
+        .iter()
+        .map(|s| s.ts2.diff_i128(s.ts1) + s.ts3.diff_i128(s.ts4))
+        .collect();
+    twice.sort_unstable();
+    let n = twice.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(twice[n / 2]),
+        _ => Some(div_round(twice[n / 2 - 1] + twice[n / 2], 2)),
+    }
+}
+
 /// Computes the offset estimate from the probes and the `now()` exchange.
 pub fn estimate(
     samples: &[Sample],
@@ -424,12 +449,28 @@ pub fn estimate(
             let interval = sample_interval(best);
             (interval.midpoint(), interval)
         }
-        Estimator::Intersection => {
+        Estimator::Intersection | Estimator::MidMedian => {
             let all = samples.iter().map(sample_interval).chain(now_interval);
             let intersection = all
                 .reduce(Interval::intersect)
                 .ok_or(EstimateError::NoSamples)?;
-            (intersection.midpoint(), intersection)
+            if intersection.is_empty() {
+                return Err(EstimateError::Inconsistent);
+            }
+            let midpoint = intersection.midpoint();
+            let offset = match (estimator, twice_median_offset(samples)) {
+                (Estimator::MidMedian, Some(twice_median)) => {
+                    // A median outside the intersection is known to be
+                    // wrong: bring it to the nearest edge first, then go
+                    // halfway toward the midpoint (which stays inside).
+                    let twice_lo = 2 * intersection.lo;
+                    let twice_hi = 2 * intersection.hi;
+                    let twice_median = twice_median.clamp(twice_lo, twice_hi);
+                    div_round(2 * midpoint + twice_median, 4)
+                }
+                _ => midpoint,
+            };
+            (offset, intersection)
         }
     };
     if interval.is_empty() {
@@ -635,6 +676,39 @@ mod tests {
     }
 
     #[test]
+    fn mid_median_lies_between_midpoint_and_median() {
+        // Intervals [θ-300, θ+100], [θ-100, θ+200], [θ-200, θ+400]: the
+        // intersection is θ ± 100, midpoint θ; the offsets are θ-100, θ+50
+        // and θ+100, median θ+50; the blend is θ+25.
+        let samples = [
+            exchange(0, 1_000, 100, 0, 300),
+            exchange(10_000, 1_000, 200, 0, 100),
+            exchange(20_000, 1_000, 400, 0, 200),
+        ];
+        let i = estimate(&samples, None, Estimator::Intersection, &no_drift()).unwrap();
+        let m = estimate(&samples, None, Estimator::MidMedian, &no_drift()).unwrap();
+        assert_eq!(i.offset, Nanos::from_nanos(1_000));
+        assert_eq!(m.offset, Nanos::from_nanos(1_025));
+        assert_eq!((m.low, m.high), (i.low, i.high));
+        assert_eq!(m.bound(), Nanos::from_nanos(125));
+
+        // A median outside the intersection is brought to its edge first:
+        // intersection [900, 1100], median 1950 → 1100, blend 1050.
+        let skewed = [
+            exchange(0, 1_000, 100, 0, 3_000),
+            exchange(10_000, 1_000, 2_000, 0, 100),
+            exchange(20_000, 1_000, 3_000, 0, 200),
+        ];
+        let m = estimate(&skewed, None, Estimator::MidMedian, &no_drift()).unwrap();
+        assert_eq!(
+            (m.low, m.high),
+            (Nanos::from_nanos(900), Nanos::from_nanos(1_100))
+        );
+        assert_eq!(m.offset, Nanos::from_nanos(1_050));
+        assert!(m.contains(Nanos::from_nanos(1_000)));
+    }
+
+    #[test]
     fn contradictory_exchanges_are_reported() {
         let a = exchange(0, 0, 10, 0, 10);
         let b = exchange(100, 1_000_000, 10, 0, 10); // the server stepped
@@ -820,7 +894,7 @@ mod tests {
             }
             let last = samples.last().unwrap().ts4().as_nanos() - T0;
             let truth = theta + last * ppm / 1_000_000;
-            for estimator in [Estimator::MinRtt, Estimator::Intersection] {
+            for estimator in [Estimator::MinRtt, Estimator::Intersection, Estimator::MidMedian] {
                 let e = estimate(&samples, None, estimator, &SyncParams::default()).unwrap();
                 // One nanosecond of slack for the integer model of drift.
                 prop_assert!(e.low.as_nanos() - 1 <= truth && truth <= e.high.as_nanos() + 1,

@@ -130,7 +130,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!();
     println!("{HEADER}");
     for (name, runs) in &all {
-        for e in ["intersection", "min-rtt", "mean-delay"] {
+        for e in ["mid-median", "intersection", "min-rtt", "mean-delay"] {
             println!(
                 "{}",
                 row(
