@@ -141,6 +141,9 @@ pub struct Summary {
     pub runs: usize,
     /// Runs that synced.
     pub synced: usize,
+    /// Runs where this estimator gave an answer (`mean-delay` needs the
+    /// `now()` call, which loss can take away).
+    pub measured: usize,
     /// Median |error| over synced runs, ns.
     pub median_abs_error_ns: i64,
     /// Median signed error, ns (shows bias, such as half the asymmetry).
@@ -175,6 +178,7 @@ pub fn summarise(runs: &[Run], estimator: Option<&str>) -> Summary {
     Summary {
         runs: runs.len(),
         synced: runs.iter().filter(|r| r.synced).count(),
+        measured: figures.len(),
         median_abs_error_ns: median(&abs).unwrap_or(0),
         median_error_ns: median(&signed).unwrap_or(0),
         max_abs_error_ns: abs.iter().copied().max().unwrap_or(0),

@@ -57,7 +57,7 @@ fn row(name: &str, s: &Summary) -> String {
         us(s.median_error_ns),
         us(s.max_abs_error_ns),
         s.contained,
-        s.synced,
+        s.measured,
         us(s.median_bound_ns),
         s.median_wall.as_secs_f64() * 1e3,
         s.lost,
