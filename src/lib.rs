@@ -6,11 +6,14 @@
 //!   loss, duplication, reordering, per direction, from a seed), because
 //!   this kernel has no `netem`.
 //!
-//! Binaries: `relay` (run the relay by hand) and `lab` (the accuracy
-//! benchmark).
+//! - [`load`]: a load generator and the UDP echo server it compares with.
+//!
+//! Binaries: `relay` (run the relay by hand), `lab` (the accuracy
+//! benchmark) and `cerv-bench` (the speed benchmark).
 
 pub mod accuracy;
 pub mod harness;
+pub mod load;
 pub mod plot;
 pub mod relay;
 pub mod scenario;

@@ -37,7 +37,13 @@ fn assert_measures(doc: &serde_json::Value, truth_ns: i64, max_bound_ns: i64) {
 
 #[test]
 fn measures_a_server_250ms_ahead() {
-    let server = Cerv::start(&["--offset", "+250ms"]);
+    for dispatch in ["inline", "channels"] {
+        measures_250ms_ahead(dispatch);
+    }
+}
+
+fn measures_250ms_ahead(dispatch: &str) {
+    let server = Cerv::start(&["--offset", "+250ms", "--dispatch", dispatch]);
     let doc = sync_json(&server, &[]);
     assert_measures(&doc, 250 * MS, 5 * MS);
     assert_eq!(doc["status"], "synced");
@@ -89,7 +95,20 @@ fn each_probe_satisfies_the_formulas() {
 
 #[test]
 fn processing_delay_does_not_move_the_offset() {
-    let server = Cerv::start(&["--offset", "+250ms", "--processing-delay", "20ms"]);
+    for dispatch in ["inline", "channels"] {
+        processing_delay_removed(dispatch);
+    }
+}
+
+fn processing_delay_removed(dispatch: &str) {
+    let server = Cerv::start(&[
+        "--offset",
+        "+250ms",
+        "--processing-delay",
+        "20ms",
+        "--dispatch",
+        dispatch,
+    ]);
     let doc = sync_json(&server, &[]);
     assert_measures(&doc, 250 * MS, 5 * MS);
     for p in doc["probes"].as_array().expect("probes") {

@@ -7,13 +7,16 @@
 use service::clock::{Clock, SkewedClock, SystemClock};
 use service::rpc::{ProbeReply, TimeService};
 use service::time::{Nanos, Timestamp};
-use service::transport::server::{ServerConfig, ServerStats, UdpServer, run_channel};
+use service::transport::server::{
+    HandlerFuture, ServerConfig, ServerStats, UdpServer, run_channel,
+};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tarpc::context::Context;
+use tarpc::server::Serve;
 
 /// The handlers. Stateless apart from the clock, so it is cloned per request.
 #[derive(Clone, Debug)]
@@ -72,6 +75,32 @@ pub struct Config {
     pub processing_delay: Duration,
     /// Limits of the UDP transport.
     pub transport: ServerConfig,
+    /// How requests reach the handlers.
+    pub dispatch: Dispatch,
+}
+
+/// How requests reach the handlers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Dispatch {
+    /// Each request is handled as its datagram is read, without per-peer
+    /// state; a handler that must wait (`--processing-delay`) gets a task.
+    #[default]
+    Inline,
+    /// One tarpc `BaseChannel` per peer, in a bounded table with idle
+    /// eviction: tarpc's own request tracking, at about twice the cost per
+    /// request and 14 KiB per peer.
+    Channels,
+}
+
+impl std::str::FromStr for Dispatch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "inline" => Ok(Dispatch::Inline),
+            "channels" => Ok(Dispatch::Channels),
+            _ => Err(format!("unknown dispatch '{s}': expected inline or channels")),
+        }
+    }
 }
 
 impl Default for Config {
@@ -81,6 +110,7 @@ impl Default for Config {
             offset: Nanos::ZERO,
             processing_delay: Duration::ZERO,
             transport: ServerConfig::default(),
+            dispatch: Dispatch::default(),
         }
     }
 }
@@ -123,6 +153,7 @@ pub enum BindError {
 pub struct Server {
     udp: UdpServer,
     handlers: TimeServer,
+    dispatch: Dispatch,
 }
 
 impl Server {
@@ -146,6 +177,7 @@ impl Server {
         Ok(Server {
             udp: UdpServer::new(socket, clock.clone(), config.transport),
             handlers: TimeServer::new(clock, config.processing_delay),
+            dispatch: config.dispatch,
         })
     }
 
@@ -162,11 +194,25 @@ impl Server {
     /// Serves until `shutdown` completes; returns the final counters.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Arc<ServerStats> {
         let handlers = self.handlers;
-        self.udp
-            .run(
-                move |channel| run_channel(channel, handlers.clone().serve()),
-                shutdown,
-            )
-            .await
+        match self.dispatch {
+            Dispatch::Inline => {
+                self.udp
+                    .run_inline(
+                        move |ctx, request| -> HandlerFuture {
+                            Box::pin(handlers.clone().serve().serve(ctx, request))
+                        },
+                        shutdown,
+                    )
+                    .await
+            }
+            Dispatch::Channels => {
+                self.udp
+                    .run(
+                        move |channel| run_channel(channel, handlers.clone().serve()),
+                        shutdown,
+                    )
+                    .await
+            }
+        }
     }
 }

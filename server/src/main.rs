@@ -58,6 +58,17 @@ struct Args {
     #[arg(long, default_value = "kernel", value_name = "SOURCE")]
     timestamping: Stamping,
 
+    /// How requests reach the handlers: inline (each answered as it is
+    /// read, no per-client state) or channels (one tarpc channel per
+    /// client, the original design; for comparison).
+    #[arg(long, default_value = "inline", value_name = "MODE")]
+    dispatch: server::Dispatch,
+
+    /// Worker threads (1: one thread, the fastest on a small machine; 0:
+    /// one per core).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    threads: usize,
+
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -148,6 +159,7 @@ fn config_from(args: &Args) -> Result<Config, Failure> {
             stamping: args.timestamping,
             ..ServerConfig::default()
         },
+        dispatch: args.dispatch,
     })
 }
 
@@ -160,7 +172,16 @@ fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
 
 fn run(args: Args) -> Result<(), Failure> {
     let config = config_from(&args)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if args.threads > 1 {
+            b.worker_threads(args.threads);
+        }
+        b
+    };
+    let runtime = builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")

@@ -278,14 +278,17 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
     }
 }
 
-/// Encodes a reply into at most `limit` bytes (the size of the request it
-/// answers, at most [`MAX_DATAGRAM`]); returns its length, or `None` if it
-/// cannot fit. Error details are shortened, on a character boundary, until
-/// the reply fits.
-pub fn encode_server(frame: &ServerFrame, buf: &mut DatagramBuf, limit: usize) -> Option<usize> {
-    let limit = limit.min(MAX_DATAGRAM);
-    let try_encode = |frame: &ServerFrame, buf: &mut DatagramBuf| {
-        let len = postcard::to_slice(frame, &mut buf[HEADER_LEN..])
+/// Encodes a reply into `buf`, which is as long as the reply may be (at
+/// most [`MAX_REPLY_LEN`] for a server); returns its length, or `None` if
+/// it cannot fit. Error details are shortened, on a character boundary,
+/// until the reply fits.
+pub fn encode_server(frame: &ServerFrame, buf: &mut [u8]) -> Option<usize> {
+    let limit = buf.len().min(MAX_DATAGRAM);
+    if limit < HEADER_LEN {
+        return None;
+    }
+    let try_encode = |frame: &ServerFrame, buf: &mut [u8]| {
+        let len = postcard::to_slice(frame, &mut buf[HEADER_LEN..limit])
             .ok()
             .map(|b| b.len() + HEADER_LEN)?;
         (len <= limit).then_some(len)
@@ -417,7 +420,7 @@ mod tests {
     fn every_reply_fits_the_smallest_request() {
         for frame in largest_replies() {
             let mut b = buf();
-            let len = encode_server(&frame, &mut b, MIN_REQUEST_LEN).expect("fits");
+            let len = encode_server(&frame, &mut b[..MIN_REQUEST_LEN]).expect("fits");
             assert!(len <= MAX_REPLY_LEN, "{frame:?} is {len} bytes");
             let back = decode_server(&b[..len]).unwrap();
             assert_eq!(back.id, frame.id);
@@ -441,7 +444,7 @@ mod tests {
             },
         };
         let mut b = buf();
-        let len = encode_server(&frame, &mut b, MIN_REQUEST_LEN).unwrap();
+        let len = encode_server(&frame, &mut b[..MIN_REQUEST_LEN]).unwrap();
         let Reply::Error { detail, .. } = decode_server(&b[..len]).unwrap().reply else {
             panic!("not an error")
         };
@@ -456,7 +459,7 @@ mod tests {
                 time: Timestamp::from_nanos(i64::MAX),
             },
         };
-        assert_eq!(encode_server(&frame, &mut buf(), 8), None);
+        assert_eq!(encode_server(&frame, &mut buf()[..8]), None);
     }
 
     #[test]
@@ -505,8 +508,7 @@ mod tests {
                     time: Timestamp::EPOCH,
                 },
             },
-            &mut reply,
-            MIN_REQUEST_LEN,
+            &mut reply[..MIN_REQUEST_LEN],
         )
         .unwrap();
         let mut padded = reply[..n].to_vec();
@@ -564,7 +566,7 @@ mod tests {
                 },
             };
             let mut buf = buf();
-            let len = encode_server(&frame, &mut buf, MIN_REQUEST_LEN).unwrap();
+            let len = encode_server(&frame, &mut buf[..MIN_REQUEST_LEN]).unwrap();
             prop_assert!(len <= MIN_REQUEST_LEN);
             prop_assert_eq!(decode_server(&buf[..len]), Ok(frame));
         }

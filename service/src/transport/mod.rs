@@ -9,6 +9,7 @@
 //! loss, ICMP errors, a full queue) is dropped and counted, never turned
 //! into an error that would end a tarpc channel.
 
+pub mod batch;
 pub mod client;
 pub mod server;
 pub mod socket;

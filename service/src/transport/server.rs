@@ -2,10 +2,11 @@
 //! peer.
 //!
 //! ```text
-//!             ┌────────── reader task ──────────┐
-//!  datagram ─▶│ stamp ts2 → decode → peer table │──queue──▶ peer channel ─▶ handler
-//!             └─────────────────────────────────┘   (bounded)   │
-//!  reply  ◀──────────────── stamp ts3, encode, send_to ◀────────┘
+//!            ┌─────────────── reader task ───────────────┐
+//! datagrams ─▶ recvmmsg → kernel ts2 → decode → peer table ├─queue─▶ peer channel ─▶ handler
+//!            └───────────────────────────────────────────┘ (bounded)      │
+//!                                                                          ▼
+//! replies ◀──── sendmmsg ◀── stamp ts3, encode ◀── writer task ◀──── outbox (bounded)
 //! ```
 //!
 //! A peer is a source address. tarpc request ids restart at zero in every
@@ -15,31 +16,38 @@
 //! turned away (and counted) until an idle one can be evicted. Each peer's
 //! queue is bounded, and a datagram that finds it full is dropped: UDP
 //! semantics, and the client retries.
+//!
+//! Datagrams are read and replies sent in batches ([`super::batch`]): one
+//! system call for up to 32 datagrams. Replies from every peer go to one
+//! outbox; a writer task takes what is there, reads the clock once, stamps
+//! ts3 (and `now()`'s answer) with it and sends the lot, so the stamp is
+//! taken just before the replies leave, however many there are.
 
-use super::socket::{Stamping, enable_timestamps, recv_stamped_async};
+use super::batch::{BATCH, RecvBatch, SendBatch};
+use super::socket::{Arrival, Stamping, enable_timestamps};
 use super::{Counter, is_transient};
 use crate::clock::Clock;
 use crate::rpc::{TimeServiceRequest, TimeServiceResponse};
 use crate::time::Timestamp;
-use crate::wire::{
-    self, Call, ClientFrame, DatagramBuf, DecodeError, MAX_DATAGRAM, MIN_REQUEST_LEN, Reply,
-    ServerFrame,
-};
+use crate::wire::{self, Call, ClientFrame, DecodeError, ErrorCode, Reply, ServerFrame};
 use futures::{Sink, Stream, StreamExt};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tarpc::server::{BaseChannel, Channel, Serve};
+use tarpc::server::{BaseChannel, Serve};
 use tarpc::{ClientMessage, Request, Response};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -64,9 +72,9 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_peers: 4096,
-            peer_queue: 32,
+            peer_queue: 128,
             idle_timeout: Duration::from_secs(30),
-            max_in_flight: 32,
+            max_in_flight: 128,
             shutdown_grace: Duration::from_secs(2),
             stamping: Stamping::Kernel,
         }
@@ -92,7 +100,7 @@ pub struct ServerStats {
     pub table_full: Counter,
     /// Cancels from peers with nothing in flight.
     pub stray: Counter,
-    /// Replies that could not be sent.
+    /// Replies that could not be sent (outbox full, or the send failed).
     pub send_failed: Counter,
     /// Errors reading the socket.
     pub recv_failed: Counter,
@@ -161,21 +169,63 @@ struct Inbound {
     received: Timestamp,
 }
 
+/// A reply on its way to the writer; its send time is stamped there.
+struct Outgoing {
+    to: SocketAddr,
+    id: u64,
+    reply: PendingReply,
+}
+
+enum PendingReply {
+    Probe { ts1: Timestamp, ts2: Timestamp },
+    Now,
+    Error { code: ErrorCode, detail: String },
+}
+
+/// Replies waiting to be sent, from every peer.
+struct Outbox {
+    queue: Mutex<VecDeque<Outgoing>>,
+    ready: Notify,
+    closed: AtomicBool,
+}
+
+/// Most replies waiting for the writer; more are dropped and counted.
+const MAX_OUTBOX: usize = 16 * 1024;
+
+impl Outbox {
+    fn push(&self, item: Outgoing, stats: &ServerStats) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= MAX_OUTBOX {
+            drop(q);
+            stats.send_failed.incr();
+            return;
+        }
+        q.push_back(item);
+        drop(q);
+        self.ready.notify_one();
+    }
+
+    /// Moves up to one batch into `into`.
+    fn take(&self, into: &mut Vec<Outgoing>) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let n = q.len().min(BATCH);
+        into.extend(q.drain(..n));
+    }
+}
+
 /// How many arrival stamps each peer keeps (indexed by request id).
 const ARRIVALS: usize = 32;
 
 /// The tarpc transport of one peer: requests come from the reader task's
-/// queue, replies go straight out of the shared socket.
+/// queue, replies go to the shared outbox.
 pub struct PeerTransport {
     peer: SocketAddr,
     inbox: mpsc::Receiver<Inbound>,
-    socket: Arc<UdpSocket>,
-    clock: Arc<dyn Clock>,
+    outbox: Arc<Outbox>,
     stats: Arc<ServerStats>,
     context: tarpc::context::Context,
     /// When each request in flight arrived: its ts2.
     arrivals: [Option<(u64, Timestamp)>; ARRIVALS],
-    outbox: Option<Response<TimeServiceResponse>>,
     max_in_flight: usize,
 }
 
@@ -214,50 +264,21 @@ impl PeerTransport {
         }
     }
 
-    /// Sends the queued reply, stamping ts3 (or now()'s time) just before
-    /// the send.
-    fn poll_send_outbox(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(response) = &self.outbox else {
-            return Poll::Ready(());
-        };
+    /// Hands a reply to the writer, with ts2 from the request's arrival.
+    fn send(&mut self, response: Response<TimeServiceResponse>) {
         let id = response.request_id;
         let slot = &mut self.arrivals[(id % ARRIVALS as u64) as usize];
         let arrival = slot.filter(|(sid, _)| *sid == id).map(|(_, at)| at);
-        let reply = match &response.message {
-            Ok(TimeServiceResponse::Probe(p)) => Reply::Probe {
-                ts1: p.ts1,
-                ts2: arrival.unwrap_or(p.ts2),
-                ts3: self.clock.now(),
-            },
-            Ok(TimeServiceResponse::Now(_)) => Reply::Now {
-                time: self.clock.now(),
-            },
-            Err(e) => Reply::Error {
-                code: wire::ErrorCode::from_io_kind(e.kind),
-                detail: e.detail.clone(),
-            },
-        };
-        let mut buf: DatagramBuf = [0; MAX_DATAGRAM];
-        // Every request was at least MIN_REQUEST_LEN bytes, so a reply of at
-        // most that size is never larger than what caused it.
-        let Some(len) = wire::encode_server(&ServerFrame { id, reply }, &mut buf, MIN_REQUEST_LEN)
-        else {
-            warn!(peer = %self.peer, id, "reply does not fit its request; dropped");
-            self.stats.send_failed.incr();
-            self.outbox = None;
-            return Poll::Ready(());
-        };
-        match self.socket.poll_send_to(cx, &buf[..len], self.peer) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Ok(_)) => self.stats.replied.incr(),
-            Poll::Ready(Err(e)) => {
-                self.stats.send_failed.incr();
-                debug!(peer = %self.peer, error = %e, "reply not sent");
-            }
-        }
         *slot = None;
-        self.outbox = None;
-        Poll::Ready(())
+        let reply = pending_reply(response.message, arrival);
+        self.outbox.push(
+            Outgoing {
+                to: self.peer,
+                id,
+                reply,
+            },
+            &self.stats,
+        );
     }
 }
 
@@ -275,29 +296,37 @@ impl Stream for PeerTransport {
 impl Sink<Response<TimeServiceResponse>> for PeerTransport {
     type Error = Infallible;
 
-    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.poll_send_outbox(cx).map(Ok)
+    fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
 
     fn start_send(
         mut self: Pin<&mut Self>,
         response: Response<TimeServiceResponse>,
     ) -> Result<(), Infallible> {
-        self.outbox = Some(response);
+        self.send(response);
         Ok(())
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.poll_send_outbox(cx).map(Ok)
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.poll_send_outbox(cx).map(Ok)
+    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
 }
 
 /// Runs one peer's channel to completion: every request is handled
-/// concurrently inside the peer's task, at most `max_in_flight` at a time.
+/// concurrently inside the peer's task, at most `max_in_flight` at a time
+/// (more are answered "busy").
+///
+/// This drives tarpc's [`BaseChannel`] directly rather than through
+/// `Channel::execute`: a handler's response goes straight back to the
+/// channel instead of through a queue, a tracing span and a second poll of
+/// the channel, which halves tarpc's cost per request. Deadlines and
+/// cancellations still apply: the channel aborts a handler whose request
+/// expired or was cancelled, and drops its response.
 ///
 /// The caller passes this to [`UdpServer::run`], where the concrete type of
 /// `serve` is known, which lets the compiler check that the future is
@@ -310,12 +339,114 @@ pub async fn run_channel<S>(channel: PeerChannel, serve: S)
 where
     S: Serve<Req = TimeServiceRequest, Resp = TimeServiceResponse> + Clone,
 {
+    use futures::SinkExt;
+    use futures::future::{Abortable, FutureExt};
+    use futures::stream::FuturesUnordered;
+
     let limit = channel.get_ref().max_in_flight;
-    channel
-        .max_concurrent_requests(limit)
-        .execute(serve)
-        .for_each_concurrent(None, |handler| handler)
-        .await;
+    let mut channel = std::pin::pin!(channel);
+    let mut handlers = FuturesUnordered::new();
+    let mut open = true;
+    while open || !handlers.is_empty() {
+        tokio::select! {
+            biased;
+            Some((request_id, result)) = handlers.next(), if !handlers.is_empty() => {
+                // An aborted handler (expired or cancelled) has no answer.
+                if let Ok(message) = result {
+                    let _ = channel.send(Response { request_id, message }).await;
+                }
+            }
+            next = channel.next(), if open => match next {
+                Some(Ok(tracked)) => {
+                    let request = tracked.request;
+                    if handlers.len() >= limit {
+                        let busy = tarpc::ServerError::new(
+                            io::ErrorKind::WouldBlock,
+                            "too many requests in flight".into(),
+                        );
+                        let _ = channel
+                            .send(Response { request_id: request.id, message: Err(busy) })
+                            .await;
+                        continue;
+                    }
+                    let id = request.id;
+                    let handler = serve.clone().serve(request.context, request.message);
+                    handlers.push(
+                        Abortable::new(handler, tracked.abort_registration)
+                            .map(move |result| (id, result)),
+                    );
+                }
+                // The transport never fails; the channel ends when the
+                // reader drops this peer's queue.
+                Some(Err(_)) | None => open = false,
+            },
+        }
+    }
+}
+
+/// Sends what the peers put in the outbox, a batch at a time, until the
+/// outbox is closed and empty.
+async fn write_replies(
+    socket: Arc<UdpSocket>,
+    outbox: Arc<Outbox>,
+    clock: Arc<dyn Clock>,
+    stats: Arc<ServerStats>,
+) {
+    let fd = socket.as_raw_fd();
+    let mut taken = Vec::with_capacity(BATCH);
+    let mut batch = SendBatch::default();
+    loop {
+        taken.clear();
+        outbox.take(&mut taken);
+        if taken.is_empty() {
+            if outbox.closed.load(Ordering::Acquire) {
+                return;
+            }
+            outbox.ready.notified().await;
+            continue;
+        }
+        // One reading for the whole batch, taken just before it leaves.
+        let now = clock.now();
+        batch.clear();
+        for out in taken.drain(..) {
+            let reply = match out.reply {
+                PendingReply::Probe { ts1, ts2 } => Reply::Probe { ts1, ts2, ts3: now },
+                PendingReply::Now => Reply::Now { time: now },
+                PendingReply::Error { code, detail } => Reply::Error { code, detail },
+            };
+            let frame = ServerFrame { id: out.id, reply };
+            // Every request was at least MIN_REQUEST_LEN bytes and the
+            // batch's buffers are that long, so a reply is never larger
+            // than what caused it.
+            batch.push(out.to, |buf| {
+                let len = wire::encode_server(&frame, buf);
+                if len.is_none() {
+                    warn!(id = frame.id, "reply does not fit its request; dropped");
+                    stats.send_failed.incr();
+                }
+                len
+            });
+        }
+        let mut start = 0;
+        while start < batch.len() {
+            match socket
+                .async_io(Interest::WRITABLE, || batch.send(fd, start))
+                .await
+            {
+                Ok(sent) => {
+                    stats.replied.add(sent as u64);
+                    start += sent.max(1);
+                }
+                Err(e) => {
+                    // The first datagram of the rest failed (an unroutable
+                    // peer, say): drop it and go on with the others.
+                    stats.send_failed.incr();
+                    debug!(error = %e, "reply not sent");
+                    start += 1;
+                }
+            }
+        }
+    }
 }
 
 /// A tarpc server on one UDP socket.
@@ -333,6 +464,293 @@ struct Peer {
 
 /// How often idle peers are looked for.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
+
+/// Checks and decodes one datagram; counts and drops what is not a valid
+/// client datagram.
+fn decode(stats: &ServerStats, clock: &dyn Clock, bytes: &[u8], arrival: &Arrival) -> Option<(SocketAddr, Inbound)> {
+    stats.received.incr();
+    let Some(from) = arrival.from else {
+        stats.malformed.incr();
+        return None;
+    };
+    let decoded = if arrival.truncated {
+        Err(DecodeError::Oversized)
+    } else {
+        wire::decode_client(bytes)
+    };
+    match decoded {
+        Ok(frame) => Some((
+            from,
+            Inbound {
+                frame,
+                received: arrival.time_on(clock),
+            },
+        )),
+        Err(reason) => {
+            stats.count_decode_error(reason);
+            debug!(peer = %from, len = bytes.len(), %reason, "dropping datagram");
+            None
+        }
+    }
+}
+
+/// What the reader does with each decoded datagram.
+trait Dispatch {
+    /// Hands over one datagram from `from`; `tick` counts sweeps.
+    fn dispatch(&mut self, from: SocketAddr, inbound: Inbound, tick: u64);
+    /// Called every [`SWEEP_EVERY`].
+    fn sweep(&mut self, tick: u64);
+    /// Stops taking requests; returns the tasks still serving some.
+    fn close(self) -> JoinSet<()>;
+}
+
+/// One tarpc channel per peer, in a bounded table (the design's server).
+struct Channels<'a, F> {
+    config: &'a ServerConfig,
+    stats: Arc<ServerStats>,
+    outbox: Arc<Outbox>,
+    context: tarpc::context::Context,
+    peers: HashMap<SocketAddr, Peer>,
+    tasks: JoinSet<()>,
+    run_channel: F,
+    /// When the table fills, idle peers are evicted at most once per tick.
+    evicted_at_tick: Option<u64>,
+}
+
+impl<F> Channels<'_, F> {
+    /// Forgets peers last heard from before the sweep tick `before`.
+    fn evict_idle(&mut self, before: u64) {
+        let len = self.peers.len();
+        self.peers.retain(|_, p| p.last_seen >= before);
+        let evicted = len - self.peers.len();
+        if evicted > 0 {
+            self.stats.peers_evicted.add(evicted as u64);
+            debug!(evicted, remaining = self.peers.len(), "evicted idle peers");
+        }
+    }
+}
+
+impl<F, Fut> Dispatch for Channels<'_, F>
+where
+    F: FnMut(PeerChannel) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    fn dispatch(&mut self, from: SocketAddr, mut inbound: Inbound, tick: u64) {
+        let creates_peer = matches!(inbound.frame, ClientFrame::Request { .. });
+        if let Some(peer) = self.peers.get_mut(&from) {
+            peer.last_seen = tick;
+            match peer.inbox.try_send(inbound) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.stats.queue_full.incr();
+                    debug!(peer = %from, "peer queue full; dropping datagram");
+                    return;
+                }
+                // The peer's channel ended: start a fresh one below.
+                Err(mpsc::error::TrySendError::Closed(back)) => {
+                    self.peers.remove(&from);
+                    inbound = back;
+                }
+            }
+        }
+        if !creates_peer {
+            self.stats.stray.incr();
+            return;
+        }
+        let max_peers = self.config.max_peers;
+        if self.peers.len() >= max_peers && self.evicted_at_tick != Some(tick) {
+            self.evicted_at_tick = Some(tick);
+            self.evict_idle(tick);
+        }
+        if self.peers.len() >= max_peers {
+            self.stats.table_full.incr();
+            debug!(peer = %from, "peer table full; dropping datagram");
+            return;
+        }
+        let (tx, rx) = mpsc::channel(self.config.peer_queue.max(1));
+        let transport = PeerTransport {
+            peer: from,
+            inbox: rx,
+            outbox: self.outbox.clone(),
+            stats: self.stats.clone(),
+            context: self.context,
+            arrivals: [None; ARRIVALS],
+            max_in_flight: self.config.max_in_flight.max(1),
+        };
+        // A fresh queue has room for one.
+        let _ = tx.try_send(inbound);
+        self.stats.peers_created.incr();
+        self.peers.insert(
+            from,
+            Peer {
+                inbox: tx,
+                last_seen: tick,
+            },
+        );
+        self.tasks
+            .spawn((self.run_channel)(BaseChannel::with_defaults(transport)));
+    }
+
+    fn sweep(&mut self, tick: u64) {
+        let idle_ticks =
+            (self.config.idle_timeout.as_millis() / SWEEP_EVERY.as_millis()).max(1) as u64;
+        self.evict_idle(tick.saturating_sub(idle_ticks));
+        while self.tasks.try_join_next().is_some() {}
+    }
+
+    fn close(self) -> JoinSet<()> {
+        // Closing every queue ends each channel once its requests are done.
+        self.tasks
+    }
+}
+
+/// The future a handler returns, boxed so that it can be polled in place
+/// and, if it must wait, moved into a task of its own.
+pub type HandlerFuture =
+    Pin<Box<dyn Future<Output = Result<TimeServiceResponse, tarpc::ServerError>> + Send>>;
+
+/// Most handlers waiting at once (over all peers) in inline dispatch.
+const MAX_PENDING: usize = 4096;
+
+/// Requests served in place, without per-peer state: each handler is
+/// polled once as its datagram is read; one that answers at once (every
+/// handler of cerv's, without a simulated processing delay) is answered
+/// then and there, one that must wait gets a task of its own.
+struct Inline<H> {
+    config: ServerConfig,
+    stats: Arc<ServerStats>,
+    outbox: Arc<Outbox>,
+    context: tarpc::context::Context,
+    handler: H,
+    pending: JoinSet<()>,
+    /// How to abort each waiting handler on a cancel.
+    waiting: HashMap<(SocketAddr, u64), tokio::task::AbortHandle>,
+    /// Handlers waiting, per peer (each task counts itself out).
+    per_peer: HashMap<SocketAddr, Arc<std::sync::atomic::AtomicUsize>>,
+}
+
+impl<H> Inline<H> {
+    fn reply(&self, to: SocketAddr, id: u64, message: Result<TimeServiceResponse, tarpc::ServerError>, arrival: Timestamp) {
+        self.outbox.push(
+            Outgoing {
+                to,
+                id,
+                reply: pending_reply(message, Some(arrival)),
+            },
+            &self.stats,
+        );
+    }
+}
+
+impl<H> Dispatch for Inline<H>
+where
+    H: Fn(tarpc::context::Context, TimeServiceRequest) -> HandlerFuture,
+{
+    fn dispatch(&mut self, from: SocketAddr, inbound: Inbound, _tick: u64) {
+        let (id, deadline, call) = match inbound.frame {
+            ClientFrame::Request { id, deadline, call } => (id, deadline, call),
+            ClientFrame::Cancel { id } => {
+                match self.waiting.remove(&(from, id)) {
+                    Some(handle) => handle.abort(),
+                    None => self.stats.stray.incr(),
+                }
+                return;
+            }
+        };
+        debug!(peer = %from, id, call = ?call, "request");
+        let request = match call {
+            Call::Probe { ts1 } => TimeServiceRequest::Probe { ts1 },
+            Call::Now => TimeServiceRequest::Now {},
+        };
+        let mut context = self.context;
+        // The wire decoder clamped `deadline`.
+        let deadline = Instant::now() + deadline;
+        context.deadline = deadline;
+        let mut handler = (self.handler)(context, request);
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        if let Poll::Ready(message) = handler.as_mut().poll(&mut cx) {
+            self.reply(from, id, message, inbound.received);
+            return;
+        }
+        // It must wait: give it a task, within the limits.
+        let count = self.per_peer.entry(from).or_default().clone();
+        if count.load(Ordering::Relaxed) >= self.config.max_in_flight
+            || self.pending.len() >= MAX_PENDING
+        {
+            let busy = tarpc::ServerError::new(
+                io::ErrorKind::WouldBlock,
+                "too many requests in flight".into(),
+            );
+            self.reply(from, id, Err(busy), inbound.received);
+            return;
+        }
+        let waiting = InFlight::enter(count);
+        let outbox = self.outbox.clone();
+        let stats = self.stats.clone();
+        let received = inbound.received;
+        let handle = self.pending.spawn(async move {
+            // Past its deadline the client has stopped waiting: no answer.
+            if let Ok(message) = tokio::time::timeout_at(deadline.into(), handler).await {
+                outbox.push(
+                    Outgoing {
+                        to: from,
+                        id,
+                        reply: pending_reply(message, Some(received)),
+                    },
+                    &stats,
+                );
+            }
+            drop(waiting);
+        });
+        self.waiting.insert((from, id), handle);
+    }
+
+    fn sweep(&mut self, _tick: u64) {
+        while self.pending.try_join_next().is_some() {}
+        self.waiting.retain(|_, h| !h.is_finished());
+        self.per_peer.retain(|_, count| Arc::strong_count(count) > 1);
+    }
+
+    fn close(self) -> JoinSet<()> {
+        self.pending
+    }
+}
+
+/// One waiting handler, counted in its peer's total while it lives (also
+/// when its task is aborted).
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn enter(count: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How a tarpc response becomes a reply for the writer, with ts2 taken from
+/// the request's arrival when known.
+fn pending_reply(
+    message: Result<TimeServiceResponse, tarpc::ServerError>,
+    arrival: Option<Timestamp>,
+) -> PendingReply {
+    match message {
+        Ok(TimeServiceResponse::Probe(p)) => PendingReply::Probe {
+            ts1: p.ts1,
+            ts2: arrival.unwrap_or(p.ts2),
+        },
+        Ok(TimeServiceResponse::Now(_)) => PendingReply::Now,
+        Err(e) => PendingReply::Error {
+            code: ErrorCode::from_io_kind(e.kind),
+            detail: e.detail,
+        },
+    }
+}
 
 impl UdpServer {
     /// A server reading `socket`, stamping with `clock`. Asks the kernel
@@ -362,150 +780,134 @@ impl UdpServer {
         self.stats.clone()
     }
 
-    /// Serves until `shutdown` completes, then lets requests in flight finish
-    /// (within the configured grace) and returns the counters.
+    fn new_outbox() -> Arc<Outbox> {
+        Arc::new(Outbox {
+            queue: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Serves with one tarpc channel per peer until `shutdown` completes,
+    /// then lets requests in flight finish (within the configured grace) and
+    /// returns the counters.
     ///
     /// `run_channel` is called once per new peer with that peer's channel
     /// and must return the future that serves it (usually
     /// [`run_channel`](fn@run_channel)); each runs in a task of its own.
-    pub async fn run<F, Fut>(
-        self,
-        mut run_channel: F,
-        shutdown: impl Future<Output = ()>,
-    ) -> Arc<ServerStats>
+    pub async fn run<F, Fut>(self, run_channel: F, shutdown: impl Future<Output = ()>) -> Arc<ServerStats>
     where
         F: FnMut(PeerChannel) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let mut peers: HashMap<SocketAddr, Peer> = HashMap::new();
-        let mut tasks = JoinSet::new();
-        let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+        let outbox = Self::new_outbox();
+        let config = self.config.clone();
+        let channels = Channels {
+            config: &config,
+            stats: self.stats.clone(),
+            outbox: outbox.clone(),
+            context: tarpc::context::current(),
+            peers: HashMap::new(),
+            tasks: JoinSet::new(),
+            run_channel,
+            evicted_at_tick: None,
+        };
+        self.serve(channels, outbox, shutdown).await
+    }
+
+    /// Serves requests in place, without per-peer state, until `shutdown`
+    /// completes. `handler` is called for every request and returns the
+    /// handler's future boxed (for cerv:
+    /// `move |ctx, req| Box::pin(handlers.clone().serve().serve(ctx, req))`).
+    /// A handler that answers when first polled is answered at once; one
+    /// that must wait runs in a task of its own, at most `max_in_flight`
+    /// per peer, until its deadline.
+    pub async fn run_inline<H>(self, handler: H, shutdown: impl Future<Output = ()>) -> Arc<ServerStats>
+    where
+        H: Fn(tarpc::context::Context, TimeServiceRequest) -> HandlerFuture,
+    {
+        let outbox = Self::new_outbox();
+        let inline = Inline {
+            config: self.config.clone(),
+            stats: self.stats.clone(),
+            outbox: outbox.clone(),
+            context: tarpc::context::current(),
+            handler,
+            pending: JoinSet::new(),
+            waiting: HashMap::new(),
+            per_peer: HashMap::new(),
+        };
+        self.serve(inline, outbox, shutdown).await
+    }
+
+    /// The reader loop both dispatches share.
+    async fn serve<D: Dispatch>(
+        self,
+        mut dispatch: D,
+        outbox: Arc<Outbox>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Arc<ServerStats> {
+        let writer = tokio::spawn(write_replies(
+            self.socket.clone(),
+            outbox.clone(),
+            self.clock.clone(),
+            self.stats.clone(),
+        ));
+        let mut batch = RecvBatch::default();
+        let fd = self.socket.as_raw_fd();
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let idle_ticks =
-            (self.config.idle_timeout.as_millis() / SWEEP_EVERY.as_millis()).max(1) as u64;
         let mut tick: u64 = 0;
-        // When the table fills, idle peers are evicted at most once per tick.
-        let mut evicted_at_tick = None;
-        let context = tarpc::context::current();
         tokio::pin!(shutdown);
 
         loop {
-            let (arrival, from) = tokio::select! {
+            tokio::select! {
                 biased;
                 () = &mut shutdown => break,
                 _ = sweep.tick() => {
                     tick += 1;
-                    self.evict_idle(&mut peers, tick.saturating_sub(idle_ticks));
-                    while tasks.try_join_next().is_some() {}
-                    continue;
+                    dispatch.sweep(tick);
                 }
-                received = recv_stamped_async(&self.socket, &mut buf) => match received {
-                    Ok(arrival) => match arrival.from {
-                        Some(from) => (arrival, from),
-                        None => continue,
-                    },
-                    Err(e) => {
-                        if !is_transient(&e) {
-                            warn!(error = %e, "udp receive failed");
+                received = self.socket.async_io(Interest::READABLE, || batch.recv(fd)) => {
+                    match received {
+                        Ok(_) => {
+                            for (bytes, arrival) in batch.iter() {
+                                if let Some((from, inbound)) =
+                                    decode(&self.stats, &*self.clock, bytes, arrival)
+                                {
+                                    dispatch.dispatch(from, inbound, tick);
+                                }
+                            }
                         }
-                        self.stats.recv_failed.incr();
-                        tokio::task::yield_now().await;
-                        continue;
-                    }
-                },
-            };
-            let received = arrival.time_on(&*self.clock);
-            self.stats.received.incr();
-            let frame = match wire::decode_client(&buf[..arrival.len]) {
-                Ok(frame) => frame,
-                Err(reason) => {
-                    self.stats.count_decode_error(reason);
-                    debug!(peer = %from, len = arrival.len, %reason, "dropping datagram");
-                    continue;
-                }
-            };
-            let creates_peer = matches!(frame, ClientFrame::Request { .. });
-            let mut inbound = Inbound { frame, received };
-            if let Some(peer) = peers.get_mut(&from) {
-                peer.last_seen = tick;
-                match peer.inbox.try_send(inbound) {
-                    Ok(()) => continue,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        self.stats.queue_full.incr();
-                        debug!(peer = %from, "peer queue full; dropping datagram");
-                        continue;
-                    }
-                    // The peer's channel ended: start a fresh one below.
-                    Err(mpsc::error::TrySendError::Closed(back)) => {
-                        peers.remove(&from);
-                        inbound = back;
+                        Err(e) => {
+                            if !is_transient(&e) {
+                                warn!(error = %e, "udp receive failed");
+                            }
+                            self.stats.recv_failed.incr();
+                            tokio::task::yield_now().await;
+                        }
                     }
                 }
             }
-            if !creates_peer {
-                self.stats.stray.incr();
-                continue;
-            }
-            if peers.len() >= self.config.max_peers && evicted_at_tick != Some(tick) {
-                evicted_at_tick = Some(tick);
-                self.evict_idle(&mut peers, tick);
-            }
-            if peers.len() >= self.config.max_peers {
-                self.stats.table_full.incr();
-                debug!(peer = %from, "peer table full; dropping datagram");
-                continue;
-            }
-            let (tx, rx) = mpsc::channel(self.config.peer_queue.max(1));
-            let transport = PeerTransport {
-                peer: from,
-                inbox: rx,
-                socket: self.socket.clone(),
-                clock: self.clock.clone(),
-                stats: self.stats.clone(),
-                context,
-                arrivals: [None; ARRIVALS],
-                outbox: None,
-                max_in_flight: self.config.max_in_flight.max(1),
-            };
-            // A fresh queue has room for one.
-            let _ = tx.try_send(inbound);
-            self.stats.peers_created.incr();
-            peers.insert(
-                from,
-                Peer {
-                    inbox: tx,
-                    last_seen: tick,
-                },
-            );
-            tasks.spawn(run_channel(BaseChannel::with_defaults(transport)));
         }
 
-        // Closing every queue ends each channel once its requests are done.
-        drop(peers);
+        // Let requests in flight finish; then the writer sends what is
+        // left and stops.
         let grace = self.config.shutdown_grace;
+        let mut tasks = dispatch.close();
         if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
             .await
             .is_err()
         {
-            warn!(
-                remaining = tasks.len(),
-                "requests still in flight at shutdown; abandoned"
-            );
+            warn!(remaining = tasks.len(), "requests still in flight at shutdown; abandoned");
             tasks.abort_all();
+        }
+        outbox.closed.store(true, Ordering::Release);
+        outbox.ready.notify_one();
+        if tokio::time::timeout(grace, writer).await.is_err() {
+            warn!("replies still unsent at shutdown; abandoned");
         }
         info!(stats = %self.stats, "server stopped");
         self.stats
-    }
-
-    /// Forgets peers last heard from before the sweep tick `before`.
-    fn evict_idle(&self, peers: &mut HashMap<SocketAddr, Peer>, before: u64) {
-        let len = peers.len();
-        peers.retain(|_, p| p.last_seen >= before);
-        let evicted = len - peers.len();
-        if evicted > 0 {
-            self.stats.peers_evicted.add(evicted as u64);
-            debug!(evicted, remaining = peers.len(), "evicted idle peers");
-        }
     }
 }

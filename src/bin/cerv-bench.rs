@@ -1,0 +1,200 @@
+//! `cerv-bench`: how fast is cerv, against the fastest this machine can do?
+//!
+//! Every figure is a ratio to a bare UDP echo server measured in the same
+//! run, by the same load generator, with the same datagrams: the ceiling
+//! for any request-reply service here. Runs alternate echo and cerv, and
+//! the medians of the per-run ratios are reported, so a noisy machine
+//! shifts both sides alike.
+//!
+//! ```text
+//! cargo run --release --bin cerv-bench               # everything, 5 runs of 5 s
+//! cargo run --release --bin cerv-bench -- --only throughput --runs 3 --duration 3s
+//! ```
+
+use clap::{Parser, ValueEnum};
+use lab::accuracy::median;
+use lab::load::{self, EchoServer, LoadConfig, LoadReport, Target};
+use lab::{Cerv, bin, run};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+/// Load benchmark of cerv against a UDP echo server.
+#[derive(Parser, Debug)]
+#[command(name = "cerv-bench")]
+struct Args {
+    /// Measured runs of each kind (each run: echo, then cerv).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Length of each run (at most 60 s).
+    #[arg(long, default_value = "5s")]
+    duration: service::Nanos,
+    /// Requests in flight for the throughput runs.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// Client sockets (each its own thread) for the throughput runs.
+    #[arg(long, default_value_t = 1)]
+    sockets: usize,
+    /// Distinct client addresses for the memory run.
+    #[arg(long, default_value_t = 10_000)]
+    peers: usize,
+    /// fient processes for the one-shot timing.
+    #[arg(long, default_value_t = 50)]
+    fient_runs: usize,
+    /// Only this part.
+    #[arg(long, value_enum)]
+    only: Option<Part>,
+    /// Load a cerv that is already running (for profiling it) instead of
+    /// starting one; only the throughput and latency parts apply.
+    #[arg(long, value_name = "ADDR")]
+    server: Option<SocketAddr>,
+    /// Extra arguments for cerv.
+    #[arg(last = true)]
+    cerv_args: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Part {
+    Throughput,
+    Latency,
+    Fient,
+    Memory,
+}
+
+fn describe(name: &str, r: &LoadReport) -> String {
+    format!(
+        "{name:>5}: {:>9.0} replies/s, lost {:>5}, invalid {}, rtt p50 {:>6.1} µs, p99 {:>7.1} µs, p99.9 {:>7.1} µs",
+        r.rate(),
+        r.lost,
+        r.invalid,
+        r.rtt_us(0.50),
+        r.rtt_us(0.99),
+        r.rtt_us(0.999)
+    )
+}
+
+/// Alternating echo and cerv runs; returns the per-run (echo, cerv) reports.
+fn compare(cerv: SocketAddr, echo: SocketAddr, config: LoadConfig, runs: usize) -> Vec<(LoadReport, LoadReport)> {
+    (0..runs)
+        .map(|i| {
+            let e = load::run(echo, Target::Echo, config).expect("echo run");
+            let c = load::run(cerv, Target::Cerv, config).expect("cerv run");
+            println!("run {}:", i + 1);
+            println!("  {}", describe("echo", &e));
+            println!("  {}", describe("cerv", &c));
+            (e, c)
+        })
+        .collect()
+}
+
+/// Median of ratios, as a fixed-point integer so `median` can sort it.
+fn median_ratio(pairs: &[(LoadReport, LoadReport)], f: impl Fn(&LoadReport, &LoadReport) -> f64) -> f64 {
+    let scaled: Vec<i64> = pairs.iter().map(|(e, c)| (f(e, c) * 1e4) as i64).collect();
+    median(&scaled).unwrap_or(0) as f64 / 1e4
+}
+
+fn main() {
+    let args = Args::parse();
+    let duration = args.duration.unsigned_duration().min(load::MAX_DURATION);
+    let wants = |p: Part| args.only.is_none_or(|o| o == p);
+    let cerv_args: Vec<&str> = args.cerv_args.iter().map(String::as_str).collect();
+    let echo = EchoServer::start().expect("echo server");
+    if let Some(addr) = args.server {
+        let config = LoadConfig {
+            window: if args.only == Some(Part::Latency) { 1 } else { args.window },
+            sockets: args.sockets,
+            duration,
+            timeout: Duration::from_millis(200),
+        };
+        for _ in 0..args.runs {
+            let r = load::run(addr, Target::Cerv, config).expect("load");
+            println!("{}", describe("cerv", &r));
+        }
+        return;
+    }
+    let cerv = Cerv::start(&cerv_args);
+    println!(
+        "cerv {} vs echo {}, {} cores",
+        cerv.addr,
+        echo.addr(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    if wants(Part::Throughput) {
+        let config = LoadConfig {
+            window: args.window,
+            sockets: args.sockets,
+            duration,
+            timeout: Duration::from_millis(200),
+        };
+        println!(
+            "\n## throughput: window {}, {} socket(s), {:?} per run",
+            config.window, config.sockets, duration
+        );
+        let pairs = compare(cerv.addr, echo.addr(), config, args.runs);
+        println!(
+            "median throughput ratio cerv/echo: {:.3}",
+            median_ratio(&pairs, |e, c| c.rate() / e.rate())
+        );
+    }
+
+    if wants(Part::Latency) {
+        let config = LoadConfig {
+            window: 1,
+            sockets: 1,
+            duration,
+            timeout: Duration::from_millis(200),
+        };
+        println!("\n## latency: window 1, {duration:?} per run");
+        let pairs = compare(cerv.addr, echo.addr(), config, args.runs);
+        println!(
+            "median p50 latency ratio cerv/echo: {:.3}",
+            median_ratio(&pairs, |e, c| c.rtt_us(0.5) / e.rtt_us(0.5))
+        );
+    }
+
+    if wants(Part::Fient) {
+        println!("\n## fient one-shot: {} runs, 5 probes, whole process", args.fient_runs);
+        let fient = bin("fient");
+        let mut walls = Vec::new();
+        let mut failed = 0;
+        for _ in 0..args.fient_runs {
+            let out = run(
+                Command::new(&fient).arg(cerv.target()).arg("--json"),
+                Duration::from_secs(10),
+            );
+            if out.code() == Some(0) {
+                walls.push(out.elapsed);
+            } else {
+                failed += 1;
+            }
+        }
+        walls.sort();
+        let pct = |q: f64| walls.get(((walls.len() as f64 - 1.0) * q) as usize).copied().unwrap_or_default();
+        println!(
+            "fient wall time: median {:.2} ms, p90 {:.2} ms, max {:.2} ms, failed {failed}",
+            pct(0.5).as_secs_f64() * 1e3,
+            pct(0.9).as_secs_f64() * 1e3,
+            pct(1.0).as_secs_f64() * 1e3,
+        );
+    }
+
+    if wants(Part::Memory) {
+        println!("\n## memory: {} distinct client addresses", args.peers);
+        let before = load::rss_kib(cerv.pid()).unwrap_or(0);
+        let answered = load::many_peers(cerv.addr, args.peers, Duration::from_millis(100)).expect("peers");
+        let after = load::rss_kib(cerv.pid()).unwrap_or(0);
+        let peak = load::peak_rss_kib(cerv.pid()).unwrap_or(0);
+        println!(
+            "cerv RSS: {:.1} MiB before, {:.1} MiB after, peak {:.1} MiB; {answered}/{} answered",
+            before as f64 / 1024.0,
+            after as f64 / 1024.0,
+            peak as f64 / 1024.0,
+            args.peers
+        );
+    }
+    let (_, log) = cerv.stop();
+    if let Some(line) = log.lines().find(|l| l.contains("server stopped")) {
+        println!("\ncerv: {}", line.split("stats=").nth(1).unwrap_or(line));
+    }
+}

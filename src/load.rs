@@ -1,0 +1,313 @@
+//! Load: a generator that keeps a window of requests in flight, and the
+//! minimal UDP echo server it is compared against.
+//!
+//! The generator speaks the real wire format: it encodes `probe` requests
+//! with [`service::wire`] and checks that every reply decodes and answers a
+//! request it sent. It sends the same 48-byte datagrams to the echo server,
+//! so both targets see identical traffic from an identical client, and the
+//! ratio of their throughputs is the server's cost over the bare minimum a
+//! request-reply service can do on this machine.
+
+use hdrhistogram::Histogram;
+use service::clock::{Clock, SystemClock};
+use service::wire::{self, Call, ClientFrame, DatagramBuf, MAX_DATAGRAM, Reply};
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The longest any load run may last.
+pub const MAX_DURATION: Duration = Duration::from_secs(60);
+
+/// What the server at the other end is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A cerv server: replies are probe replies.
+    Cerv,
+    /// An echo server: replies are our requests, sent back.
+    Echo,
+}
+
+/// How to load.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadConfig {
+    /// Requests kept in flight, over all sockets.
+    pub window: usize,
+    /// Client sockets (distinct source ports), each with its own thread.
+    pub sockets: usize,
+    /// How long to measure (after a short warm-up); at most [`MAX_DURATION`].
+    pub duration: Duration,
+    /// A request unanswered this long is counted lost and replaced.
+    pub timeout: Duration,
+}
+
+/// What a load run measured.
+#[derive(Clone, Debug)]
+pub struct LoadReport {
+    /// Valid replies in the measured interval.
+    pub replies: u64,
+    /// Requests that timed out.
+    pub lost: u64,
+    /// Replies that did not answer a request in flight (should be zero).
+    pub invalid: u64,
+    /// The measured interval.
+    pub elapsed: Duration,
+    /// Round-trip times, nanoseconds.
+    pub rtt: Histogram<u64>,
+}
+
+impl LoadReport {
+    /// Replies per second.
+    pub fn rate(&self) -> f64 {
+        self.replies as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// A round-trip percentile in microseconds.
+    pub fn rtt_us(&self, q: f64) -> f64 {
+        self.rtt.value_at_quantile(q) as f64 / 1e3
+    }
+}
+
+/// One socket's share of the load.
+fn run_socket(
+    target: SocketAddr,
+    kind: Target,
+    window: usize,
+    config: LoadConfig,
+    start_measuring: Instant,
+    stop_at: Instant,
+) -> io::Result<LoadReport> {
+    let socket = UdpSocket::bind((target.ip(), 0))?;
+    socket.connect(target)?;
+    socket.set_read_timeout(Some(Duration::from_millis(5)))?;
+    let clock = SystemClock;
+    // In flight: id -> send time, in a ring indexed by id (ids are sequential
+    // and the window is far smaller than the ring).
+    let ring_len = (window * 4).next_power_of_two().max(64);
+    let mut in_flight: Vec<Option<(u64, Instant)>> = vec![None; ring_len];
+    let mut outstanding = 0usize;
+    let mut next_id = 0u64;
+    let mut tx: DatagramBuf = [0; MAX_DATAGRAM];
+    let mut rx = [0u8; 2048];
+    let mut rtt = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let (mut replies, mut lost, mut invalid) = (0u64, 0u64, 0u64);
+    let mut last_sweep = Instant::now();
+
+    while Instant::now() < stop_at {
+        while outstanding < window {
+            let id = next_id;
+            next_id += 1;
+            let slot = (id as usize) & (ring_len - 1);
+            if in_flight[slot].is_some() {
+                // The ring wrapped onto a request still in flight: it is
+                // far older than the timeout allows; count it lost.
+                lost += 1;
+                outstanding -= 1;
+            }
+            let len = wire::encode_client(
+                &ClientFrame::Request {
+                    id,
+                    deadline: config.timeout,
+                    call: Call::Probe { ts1: clock.now() },
+                },
+                &mut tx,
+            );
+            let sent_at = Instant::now();
+            match socket.send(&tx[..len]) {
+                Ok(_) => {
+                    in_flight[slot] = Some((id, sent_at));
+                    outstanding += 1;
+                }
+                Err(_) => {
+                    lost += 1;
+                    break;
+                }
+            }
+        }
+        match socket.recv(&mut rx) {
+            Ok(n) => {
+                let now = Instant::now();
+                let id = match kind {
+                    Target::Cerv => match wire::decode_server(&rx[..n]) {
+                        Ok(frame) if matches!(frame.reply, Reply::Probe { .. }) => Some(frame.id),
+                        _ => None,
+                    },
+                    Target::Echo => match wire::decode_client(&rx[..n]) {
+                        Ok(ClientFrame::Request { id, .. }) => Some(id),
+                        _ => None,
+                    },
+                };
+                let slot = id.map(|id| (id as usize) & (ring_len - 1));
+                match (id, slot.and_then(|s| in_flight[s])) {
+                    (Some(id), Some((sid, sent_at))) if sid == id => {
+                        in_flight[(id as usize) & (ring_len - 1)] = None;
+                        outstanding -= 1;
+                        if sent_at >= start_measuring {
+                            replies += 1;
+                            let _ = rtt.record((now - sent_at).as_nanos() as u64);
+                        }
+                    }
+                    _ => invalid += 1,
+                }
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(_) => {}
+        }
+        if last_sweep.elapsed() >= Duration::from_millis(10) {
+            last_sweep = Instant::now();
+            for slot in in_flight.iter_mut() {
+                if let Some((_, sent_at)) = slot
+                    && sent_at.elapsed() > config.timeout
+                {
+                    *slot = None;
+                    outstanding -= 1;
+                    lost += 1;
+                }
+            }
+        }
+    }
+    Ok(LoadReport {
+        replies,
+        lost,
+        invalid,
+        elapsed: stop_at.saturating_duration_since(start_measuring),
+        rtt,
+    })
+}
+
+/// Loads `target` as `config` says and merges what every socket measured.
+pub fn run(target: SocketAddr, kind: Target, config: LoadConfig) -> io::Result<LoadReport> {
+    let sockets = config.sockets.clamp(1, 1024);
+    let duration = config.duration.min(MAX_DURATION);
+    let warmup = Duration::from_millis(200);
+    let start_measuring = Instant::now() + warmup;
+    let stop_at = start_measuring + duration;
+    let handles: Vec<_> = (0..sockets)
+        .map(|i| {
+            // Spread the window; the first sockets take the remainder.
+            let share = config.window / sockets + usize::from(i < config.window % sockets);
+            thread::spawn(move || {
+                run_socket(target, kind, share.max(1), config, start_measuring, stop_at)
+            })
+        })
+        .collect();
+    let mut total: Option<LoadReport> = None;
+    for h in handles {
+        let r = h.join().map_err(|_| io::Error::other("load thread panicked"))??;
+        match total.as_mut() {
+            None => total = Some(r),
+            Some(t) => {
+                t.replies += r.replies;
+                t.lost += r.lost;
+                t.invalid += r.invalid;
+                let _ = t.rtt.add(&r.rtt);
+            }
+        }
+    }
+    total.ok_or_else(|| io::Error::other("no sockets"))
+}
+
+/// The reference: the simplest request-reply server there is, one thread
+/// echoing every datagram back to its sender.
+pub struct EchoServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl EchoServer {
+    /// Starts on a free loopback port.
+    pub fn start() -> io::Result<EchoServer> {
+        let socket = UdpSocket::bind("127.0.0.1:0")?;
+        socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+        let addr = socket.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                        let _ = socket.send_to(&buf[..n], from);
+                    }
+                }
+            }
+        });
+        Ok(EchoServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Peak resident memory of a process, from `/proc/PID/status` (`VmHWM`).
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Current resident memory of a process (`VmRSS`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Sends one probe from each of `count` distinct source addresses
+/// (127.1.x.y, all loopback), waiting briefly for each answer; returns how
+/// many were answered. Sockets are opened and closed one at a time.
+pub fn many_peers(target: SocketAddr, count: usize, wait: Duration) -> io::Result<usize> {
+    let mut tx: DatagramBuf = [0; MAX_DATAGRAM];
+    let mut rx = [0u8; 2048];
+    let mut answered = 0;
+    for i in 0..count.min(65_536) {
+        let source = std::net::Ipv4Addr::new(127, 1, (i >> 8) as u8, i as u8);
+        let socket = UdpSocket::bind((source, 0))?;
+        socket.connect(target)?;
+        socket.set_read_timeout(Some(wait))?;
+        let len = wire::encode_client(
+            &ClientFrame::Request {
+                id: i as u64,
+                deadline: Duration::from_secs(1),
+                call: Call::Probe {
+                    ts1: SystemClock.now(),
+                },
+            },
+            &mut tx,
+        );
+        socket.send(&tx[..len])?;
+        if socket.recv(&mut rx).is_ok() {
+            answered += 1;
+        }
+    }
+    Ok(answered)
+}
