@@ -153,7 +153,11 @@ fn run_socket(
                     _ => invalid += 1,
                 }
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => {}
         }
         if last_sweep.elapsed() >= Duration::from_millis(10) {
@@ -196,7 +200,9 @@ pub fn run(target: SocketAddr, kind: Target, config: LoadConfig) -> io::Result<L
         .collect();
     let mut total: Option<LoadReport> = None;
     for h in handles {
-        let r = h.join().map_err(|_| io::Error::other("load thread panicked"))??;
+        let r = h
+            .join()
+            .map_err(|_| io::Error::other("load thread panicked"))??;
         match total.as_mut() {
             None => total = Some(r),
             Some(t) => {

@@ -98,7 +98,9 @@ impl std::str::FromStr for Dispatch {
         match s {
             "inline" => Ok(Dispatch::Inline),
             "channels" => Ok(Dispatch::Channels),
-            _ => Err(format!("unknown dispatch '{s}': expected inline or channels")),
+            _ => Err(format!(
+                "unknown dispatch '{s}': expected inline or channels"
+            )),
         }
     }
 }

@@ -74,7 +74,12 @@ fn describe(name: &str, r: &LoadReport) -> String {
 }
 
 /// Alternating echo and cerv runs; returns the per-run (echo, cerv) reports.
-fn compare(cerv: SocketAddr, echo: SocketAddr, config: LoadConfig, runs: usize) -> Vec<(LoadReport, LoadReport)> {
+fn compare(
+    cerv: SocketAddr,
+    echo: SocketAddr,
+    config: LoadConfig,
+    runs: usize,
+) -> Vec<(LoadReport, LoadReport)> {
     (0..runs)
         .map(|i| {
             let e = load::run(echo, Target::Echo, config).expect("echo run");
@@ -88,7 +93,10 @@ fn compare(cerv: SocketAddr, echo: SocketAddr, config: LoadConfig, runs: usize) 
 }
 
 /// Median of ratios, as a fixed-point integer so `median` can sort it.
-fn median_ratio(pairs: &[(LoadReport, LoadReport)], f: impl Fn(&LoadReport, &LoadReport) -> f64) -> f64 {
+fn median_ratio(
+    pairs: &[(LoadReport, LoadReport)],
+    f: impl Fn(&LoadReport, &LoadReport) -> f64,
+) -> f64 {
     let scaled: Vec<i64> = pairs.iter().map(|(e, c)| (f(e, c) * 1e4) as i64).collect();
     median(&scaled).unwrap_or(0) as f64 / 1e4
 }
@@ -101,7 +109,11 @@ fn main() {
     let echo = EchoServer::start().expect("echo server");
     if let Some(addr) = args.server {
         let config = LoadConfig {
-            window: if args.only == Some(Part::Latency) { 1 } else { args.window },
+            window: if args.only == Some(Part::Latency) {
+                1
+            } else {
+                args.window
+            },
             sockets: args.sockets,
             duration,
             timeout: Duration::from_millis(200),
@@ -154,7 +166,10 @@ fn main() {
     }
 
     if wants(Part::Fient) {
-        println!("\n## fient one-shot: {} runs, 5 probes, whole process", args.fient_runs);
+        println!(
+            "\n## fient one-shot: {} runs, 5 probes, whole process",
+            args.fient_runs
+        );
         let fient = bin("fient");
         let mut walls = Vec::new();
         let mut failed = 0;
@@ -170,7 +185,12 @@ fn main() {
             }
         }
         walls.sort();
-        let pct = |q: f64| walls.get(((walls.len() as f64 - 1.0) * q) as usize).copied().unwrap_or_default();
+        let pct = |q: f64| {
+            walls
+                .get(((walls.len() as f64 - 1.0) * q) as usize)
+                .copied()
+                .unwrap_or_default()
+        };
         println!(
             "fient wall time: median {:.2} ms, p90 {:.2} ms, max {:.2} ms, failed {failed}",
             pct(0.5).as_secs_f64() * 1e3,
@@ -182,7 +202,8 @@ fn main() {
     if wants(Part::Memory) {
         println!("\n## memory: {} distinct client addresses", args.peers);
         let before = load::rss_kib(cerv.pid()).unwrap_or(0);
-        let answered = load::many_peers(cerv.addr, args.peers, Duration::from_millis(100)).expect("peers");
+        let answered =
+            load::many_peers(cerv.addr, args.peers, Duration::from_millis(100)).expect("peers");
         let after = load::rss_kib(cerv.pid()).unwrap_or(0);
         let peak = load::peak_rss_kib(cerv.pid()).unwrap_or(0);
         println!(

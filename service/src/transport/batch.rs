@@ -128,7 +128,8 @@ fn kernel_time(h: &libc::msghdr) -> Option<Timestamp> {
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(h);
         while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS
+            {
                 let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
                 let nanos = i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec);
                 return i64::try_from(nanos).ok().map(Timestamp::from_nanos);
@@ -177,7 +178,11 @@ impl SendBatch {
 
     /// Queues a datagram for `to`, written by `fill` into a buffer of
     /// [`SEND_LEN`] bytes; `fill` returns the length or `None` to skip.
-    pub fn push(&mut self, to: SocketAddr, fill: impl FnOnce(&mut [u8; SEND_LEN]) -> Option<usize>) {
+    pub fn push(
+        &mut self,
+        to: SocketAddr,
+        fill: impl FnOnce(&mut [u8; SEND_LEN]) -> Option<usize>,
+    ) {
         let i = self.addrs.len();
         if i == BATCH {
             return;
@@ -214,7 +219,12 @@ impl SendBatch {
         }
         // SAFETY: `headers[..n]` are valid as set up above.
         let sent = unsafe {
-            libc::sendmmsg(fd, headers.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT)
+            libc::sendmmsg(
+                fd,
+                headers.as_mut_ptr(),
+                n as libc::c_uint,
+                libc::MSG_DONTWAIT,
+            )
         };
         if sent < 0 {
             return Err(io::Error::last_os_error());

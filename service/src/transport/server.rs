@@ -1,21 +1,33 @@
-//! The server side of the UDP transport: one socket, one tarpc channel per
-//! peer.
+//! The server side of the UDP transport: one socket, demultiplexed by peer.
 //!
 //! ```text
-//!            ┌─────────────── reader task ───────────────┐
-//! datagrams ─▶ recvmmsg → kernel ts2 → decode → peer table ├─queue─▶ peer channel ─▶ handler
-//!            └───────────────────────────────────────────┘ (bounded)      │
-//!                                                                          ▼
+//!            ┌──────────── reader task ────────────┐   inline:   handler, polled in place
+//! datagrams ─▶ recvmmsg → kernel ts2 → decode       ├─▶ or
+//!            └─────────────────────────────────────┘   channels: peer table → queue → BaseChannel → handler
+//!                                                                          │
 //! replies ◀──── sendmmsg ◀── stamp ts3, encode ◀── writer task ◀──── outbox (bounded)
 //! ```
 //!
-//! A peer is a source address. tarpc request ids restart at zero in every
-//! client, so each peer gets its own [`tarpc::server::BaseChannel`], run by
-//! the caller-supplied function in a task of its own. The peer table is
-//! bounded; idle peers are evicted, and when the table is full new peers are
-//! turned away (and counted) until an idle one can be evicted. Each peer's
-//! queue is bounded, and a datagram that finds it full is dropped: UDP
-//! semantics, and the client retries.
+//! Two ways to dispatch requests share the reader and the writer:
+//!
+//! - **Inline** ([`UdpServer::run_inline`]): each request's handler is
+//!   called through tarpc's generated `Serve` and polled as its datagram is
+//!   read. A handler that answers at once (a time server's always do) is
+//!   answered then and there, with no state kept for the peer; one that must
+//!   wait gets a task of its own, bounded per peer and in total, and ends at
+//!   its deadline or on the client's cancel. The reply goes to the source
+//!   address of the request.
+//! - **Channels** ([`UdpServer::run`]): a peer is a source address; tarpc
+//!   request ids restart at zero in every client, so each peer gets its own
+//!   [`tarpc::server::BaseChannel`], run by the caller-supplied function in a
+//!   task of its own. The peer table is bounded; idle peers are evicted,
+//!   and when the table is full new peers are turned away (and counted)
+//!   until an idle one can be evicted. Each peer's queue is bounded, and a
+//!   datagram that finds it full is dropped: UDP semantics, and the client
+//!   retries. tarpc's per-request tracking (a span, a timer entry, a map
+//!   entry) costs about as much as the rest of the server together, and each
+//!   peer holds about 14 KiB (mostly tarpc's timer wheel); inline dispatch
+//!   keeps neither.
 //!
 //! Datagrams are read and replies sent in batches ([`super::batch`]): one
 //! system call for up to 32 datagrams. Replies from every peer go to one
@@ -131,15 +143,18 @@ impl ServerStats {
 }
 
 impl fmt::Display for ServerStats {
-    /// `received 12, replied 10, peers 2; dropped: malformed 2`.
+    /// `received 12, replied 10; dropped: malformed 2` (and, with channel
+    /// dispatch, the peers seen).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "received {}, replied {}, peers {}",
+            "received {}, replied {}",
             self.received.get(),
-            self.replied.get(),
-            self.peers_created.get()
+            self.replied.get()
         )?;
+        if self.peers_created.get() > 0 {
+            write!(f, ", peers {}", self.peers_created.get())?;
+        }
         let drops = [
             ("oversized", &self.oversized),
             ("unpadded", &self.unpadded),
@@ -467,7 +482,12 @@ const SWEEP_EVERY: Duration = Duration::from_millis(500);
 
 /// Checks and decodes one datagram; counts and drops what is not a valid
 /// client datagram.
-fn decode(stats: &ServerStats, clock: &dyn Clock, bytes: &[u8], arrival: &Arrival) -> Option<(SocketAddr, Inbound)> {
+fn decode(
+    stats: &ServerStats,
+    clock: &dyn Clock,
+    bytes: &[u8],
+    arrival: &Arrival,
+) -> Option<(SocketAddr, Inbound)> {
     stats.received.incr();
     let Some(from) = arrival.from else {
         stats.malformed.incr();
@@ -630,7 +650,13 @@ struct Inline<H> {
 }
 
 impl<H> Inline<H> {
-    fn reply(&self, to: SocketAddr, id: u64, message: Result<TimeServiceResponse, tarpc::ServerError>, arrival: Timestamp) {
+    fn reply(
+        &self,
+        to: SocketAddr,
+        id: u64,
+        message: Result<TimeServiceResponse, tarpc::ServerError>,
+        arrival: Timestamp,
+    ) {
         self.outbox.push(
             Outgoing {
                 to,
@@ -708,7 +734,8 @@ where
     fn sweep(&mut self, _tick: u64) {
         while self.pending.try_join_next().is_some() {}
         self.waiting.retain(|_, h| !h.is_finished());
-        self.per_peer.retain(|_, count| Arc::strong_count(count) > 1);
+        self.per_peer
+            .retain(|_, count| Arc::strong_count(count) > 1);
     }
 
     fn close(self) -> JoinSet<()> {
@@ -795,7 +822,11 @@ impl UdpServer {
     /// `run_channel` is called once per new peer with that peer's channel
     /// and must return the future that serves it (usually
     /// [`run_channel`](fn@run_channel)); each runs in a task of its own.
-    pub async fn run<F, Fut>(self, run_channel: F, shutdown: impl Future<Output = ()>) -> Arc<ServerStats>
+    pub async fn run<F, Fut>(
+        self,
+        run_channel: F,
+        shutdown: impl Future<Output = ()>,
+    ) -> Arc<ServerStats>
     where
         F: FnMut(PeerChannel) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
@@ -822,7 +853,11 @@ impl UdpServer {
     /// A handler that answers when first polled is answered at once; one
     /// that must wait runs in a task of its own, at most `max_in_flight`
     /// per peer, until its deadline.
-    pub async fn run_inline<H>(self, handler: H, shutdown: impl Future<Output = ()>) -> Arc<ServerStats>
+    pub async fn run_inline<H>(
+        self,
+        handler: H,
+        shutdown: impl Future<Output = ()>,
+    ) -> Arc<ServerStats>
     where
         H: Fn(tarpc::context::Context, TimeServiceRequest) -> HandlerFuture,
     {
@@ -899,7 +934,10 @@ impl UdpServer {
             .await
             .is_err()
         {
-            warn!(remaining = tasks.len(), "requests still in flight at shutdown; abandoned");
+            warn!(
+                remaining = tasks.len(),
+                "requests still in flight at shutdown; abandoned"
+            );
             tasks.abort_all();
         }
         outbox.closed.store(true, Ordering::Release);
