@@ -107,13 +107,14 @@ fn run_socket(
                 lost += 1;
                 outstanding -= 1;
             }
-            let len = wire::encode_client(
+            let (len, _) = wire::encode_client(
                 &ClientFrame::Request {
                     id,
                     deadline: config.timeout,
                     call: Call::Probe { ts1: clock.now() },
                 },
                 &mut tx,
+                None,
             );
             let sent_at = Instant::now();
             match socket.send(&tx[..len]) {
@@ -131,12 +132,12 @@ fn run_socket(
             Ok(n) => {
                 let now = Instant::now();
                 let id = match kind {
-                    Target::Cerv => match wire::decode_server(&rx[..n]) {
+                    Target::Cerv => match wire::decode_server(&rx[..n], None, |_| None) {
                         Ok(frame) if matches!(frame.reply, Reply::Probe { .. }) => Some(frame.id),
                         _ => None,
                     },
-                    Target::Echo => match wire::decode_client(&rx[..n]) {
-                        Ok(ClientFrame::Request { id, .. }) => Some(id),
+                    Target::Echo => match wire::decode_client(&rx[..n], None) {
+                        Ok((ClientFrame::Request { id, .. }, _)) => Some(id),
                         _ => None,
                     },
                 };
@@ -300,7 +301,7 @@ pub fn many_peers(target: SocketAddr, count: usize, wait: Duration) -> io::Resul
         let socket = UdpSocket::bind((source, 0))?;
         socket.connect(target)?;
         socket.set_read_timeout(Some(wait))?;
-        let len = wire::encode_client(
+        let (len, _) = wire::encode_client(
             &ClientFrame::Request {
                 id: i as u64,
                 deadline: Duration::from_secs(1),
@@ -309,6 +310,7 @@ pub fn many_peers(target: SocketAddr, count: usize, wait: Duration) -> io::Resul
                 },
             },
             &mut tx,
+            None,
         );
         socket.send(&tx[..len])?;
         if socket.recv(&mut rx).is_ok() {

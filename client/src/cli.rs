@@ -1,6 +1,7 @@
 //! The command line of `fient`.
 
 use clap::Parser;
+use service::auth::{Key, KeyFileError, Keys};
 use service::client::{GIVE_UP_AFTER, SyncOptions};
 use service::sync::{Estimator, SyncParams};
 use service::time::Nanos;
@@ -61,6 +62,16 @@ pub struct Args {
     #[arg(long, default_value = "kernel", value_name = "SOURCE")]
     pub timestamping: Stamping,
 
+    /// Authenticate with a pre-shared key from this file (lines of
+    /// `<key id> <64 hex digits>`); the first key is used unless --key-id
+    /// says otherwise.
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<std::path::PathBuf>,
+
+    /// Which key of --key-file to use.
+    #[arg(long, value_name = "ID", requires = "key_file")]
+    pub key_id: Option<u32>,
+
     /// Print one JSON object instead of the human report.
     #[arg(long)]
     pub json: bool,
@@ -83,21 +94,35 @@ pub struct Plan {
     pub set: bool,
     /// Receive timestamps.
     pub stamping: Stamping,
+    /// The key to authenticate with.
+    pub key: Option<Key>,
 }
 
-/// An option outside its range; the message names it.
+/// A bad option or key file; the message names it.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid {option} '{value}': {expected}")]
-pub struct UsageError {
-    option: &'static str,
-    value: String,
-    expected: &'static str,
+pub enum UsageError {
+    /// An option outside its range.
+    #[error("invalid {option} '{value}': {expected}")]
+    Range {
+        /// The option.
+        option: &'static str,
+        /// What was given.
+        value: String,
+        /// What is accepted.
+        expected: &'static str,
+    },
+    /// The key file cannot be used.
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
+    /// --key-id names no key of the file.
+    #[error("invalid --key-id '{0}': no such key in the key file")]
+    NoSuchKey(u32),
 }
 
 impl Args {
     /// Checks ranges and builds the plan.
     pub fn plan(&self) -> Result<Plan, UsageError> {
-        let bad = |option, value: String, expected| UsageError {
+        let bad = |option, value: String, expected| UsageError::Range {
             option,
             value,
             expected,
@@ -126,7 +151,20 @@ impl Args {
                 "must not be negative",
             ));
         }
+        let key = match &self.key_file {
+            None => None,
+            Some(path) => {
+                let keys = Keys::load(path)?;
+                warn_if_readable_by_others(path);
+                let key = match self.key_id {
+                    Some(id) => keys.get(id).ok_or(UsageError::NoSuchKey(id))?,
+                    None => keys.first().ok_or(UsageError::NoSuchKey(0))?,
+                };
+                Some(key.clone())
+            }
+        };
         Ok(Plan {
+            key,
             server: self.server.clone(),
             options: SyncOptions {
                 probes: self.probes,
@@ -142,6 +180,16 @@ impl Args {
             set: self.set,
             stamping: self.timestamping,
         })
+    }
+}
+
+/// Warns when a key file can be read by other users.
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    if service::auth::readable_by_others(path) {
+        tracing::warn!(
+            "key file '{}' is readable by other users; chmod 600 it",
+            path.display()
+        );
     }
 }
 

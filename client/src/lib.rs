@@ -13,6 +13,7 @@ pub mod report;
 
 use service::client::{SyncError, TimeClient};
 use service::clock::{Clock, ClockError, SystemClock};
+use service::transport::client::ClientOptions;
 use std::io::Write;
 use std::sync::Arc;
 
@@ -69,7 +70,11 @@ pub async fn run(
     let server = address::resolve(&plan.server)
         .await
         .map_err(|e| Failure::new(Exit::Usage, e))?;
-    let client = TimeClient::connect_with(server, clock.clone(), plan.stamping)
+    let options = ClientOptions {
+        stamping: plan.stamping,
+        key: plan.key.clone(),
+    };
+    let client = TimeClient::connect_with(server, clock.clone(), options)
         .await
         .map_err(|e| {
             Failure::new(

@@ -69,6 +69,15 @@ struct Args {
     #[arg(long, default_value_t = 1, value_name = "N")]
     threads: usize,
 
+    /// Accept only requests authenticated with a key from this file (lines
+    /// of `<key id> <64 hex digits>`), and authenticate the replies.
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<std::path::PathBuf>,
+
+    /// Print a new random key line for a key file, with this id, and exit.
+    #[arg(long, value_name = "ID")]
+    generate_key: Option<u32>,
+
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -107,6 +116,14 @@ impl From<BindError> for Failure {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(id) = args.generate_key {
+        if id == 0 {
+            eprintln!("cerv: invalid --generate-key '0': key ids run from 1 to 4294967295");
+            return ExitCode::from(2);
+        }
+        println!("{}", service::auth::Key::generate(id).to_line());
+        return ExitCode::SUCCESS;
+    }
     init_logging(args.log_format);
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -144,6 +161,19 @@ fn config_from(args: &Args) -> Result<Config, Failure> {
     };
     let processing_delay = non_negative(args.processing_delay, "--processing-delay")?;
     let idle_timeout = non_negative(args.idle_timeout, "--idle-timeout")?;
+    let keys = match &args.key_file {
+        None => None,
+        Some(path) => {
+            let keys = service::auth::Keys::load(path).map_err(|e| Failure::usage(e.into()))?;
+            if service::auth::readable_by_others(path) {
+                tracing::warn!(
+                    "key file '{}' is readable by other users; chmod 600 it",
+                    path.display()
+                );
+            }
+            Some(std::sync::Arc::new(keys))
+        }
+    };
     if args.max_peers == 0 {
         return Err(Failure::usage(anyhow::anyhow!(
             "invalid --max-peers '0': must be at least 1"
@@ -157,6 +187,7 @@ fn config_from(args: &Args) -> Result<Config, Failure> {
             max_peers: args.max_peers,
             idle_timeout: idle_timeout.max(Duration::from_millis(500)),
             stamping: args.timestamping,
+            keys,
             ..ServerConfig::default()
         },
         dispatch: args.dispatch,

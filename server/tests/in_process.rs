@@ -2,11 +2,12 @@
 //! sockets: the transport's promises, checked datagram by datagram.
 
 use server::{Config, Dispatch, Server};
+use service::auth::{Key, Keys};
 use service::client::{SyncOptions, TimeClient};
 use service::clock::{Clock, SkewedClock, SystemClock};
 use service::sync::Estimator;
 use service::time::{Nanos, Timestamp};
-use service::transport::client::{UdpClientTransport, client_config};
+use service::transport::client::{ClientOptions, UdpClientTransport, client_config};
 use service::transport::server::{ServerConfig, ServerStats};
 use service::wire::{self, Call, ClientFrame, MIN_REQUEST_LEN, Reply};
 use service::{TimeServiceClient, wire::DatagramBuf};
@@ -145,13 +146,14 @@ async fn raw_client(server: SocketAddr) -> UdpSocket {
 
 fn request(id: u64, call: Call) -> Vec<u8> {
     let mut buf: DatagramBuf = [0; wire::MAX_DATAGRAM];
-    let len = wire::encode_client(
+    let (len, _) = wire::encode_client(
         &ClientFrame::Request {
             id,
             deadline: Duration::from_secs(5),
             call,
         },
         &mut buf,
+        None,
     );
     buf[..len].to_vec()
 }
@@ -201,7 +203,7 @@ async fn replies_never_larger(dispatch: Dispatch) {
             "reply of {} bytes",
             reply.len()
         );
-        let frame = wire::decode_server(&reply).expect("valid reply");
+        let frame = wire::decode_server(&reply, None, |_| None).expect("valid reply");
         kinds.push(match frame.reply {
             Reply::Probe { ts1: echoed, .. } => {
                 assert_eq!(echoed, ts1);
@@ -237,7 +239,9 @@ async fn duplicated_and_stale_replies_never_make_a_wrong_sample() {
             else {
                 break;
             };
-            let Ok(ClientFrame::Request { id, call, .. }) = wire::decode_client(&buf[..n]) else {
+            let Ok((ClientFrame::Request { id, call, .. }, _)) =
+                wire::decode_client(&buf[..n], None)
+            else {
                 continue;
             };
             let now = SystemClock.now().saturating_add(theta);
@@ -263,7 +267,8 @@ async fn duplicated_and_stale_replies_never_make_a_wrong_sample() {
             };
             for reply in replies {
                 let len =
-                    wire::encode_server(&wire::ServerFrame { id, reply }, &mut out[..48]).unwrap();
+                    wire::encode_server(&wire::ServerFrame { id, reply }, &mut out[..48], None)
+                        .unwrap();
                 let _ = fake.send_to(&out[..len], from).await;
             }
         }
@@ -382,7 +387,7 @@ async fn burst(dispatch: Dispatch) {
 }
 
 fn check_burst_reply(bytes: &[u8], ts1: impl Fn(u64) -> Timestamp) {
-    let frame = wire::decode_server(bytes).expect("valid reply");
+    let frame = wire::decode_server(bytes, None, |_| None).expect("valid reply");
     match frame.reply {
         Reply::Probe {
             ts1: echoed,
@@ -395,4 +400,167 @@ fn check_burst_reply(bytes: &[u8], ts1: impl Fn(u64) -> Timestamp) {
         Reply::Error { .. } => {}
         other => panic!("unexpected reply {other:?}"),
     }
+}
+
+fn keyed(config: Config, key: &Key) -> Config {
+    Config {
+        transport: ServerConfig {
+            keys: Some(Arc::new(Keys::single(key.clone()))),
+            ..config.transport
+        },
+        ..config
+    }
+}
+
+async fn connect_keyed(addr: SocketAddr, key: Option<Key>) -> TimeClient {
+    let options = ClientOptions {
+        key,
+        ..ClientOptions::default()
+    };
+    TimeClient::connect_with(addr, Arc::new(SystemClock), options)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn authenticated_time_needs_the_right_key() {
+    for dispatch in DISPATCHES {
+        let key = Key::generate(7);
+        let server = start(keyed(
+            Config {
+                dispatch,
+                ..skewed(30)
+            },
+            &key,
+        ))
+        .await;
+        let fast = SyncOptions {
+            timeout: Duration::from_millis(200),
+            ..SyncOptions::default()
+        };
+
+        let good = connect_keyed(server.addr, Some(key.clone())).await;
+        let report = good.sync(&fast).await.expect("sync with the right key");
+        assert!(report.estimate.contains(Nanos::from_millis(30)));
+
+        for (client_key, why) in [
+            (Some(Key::generate(7)), "same id, other secret"),
+            (Some(Key::generate(8)), "unknown id"),
+            (None, "no key"),
+        ] {
+            let client = connect_keyed(server.addr, client_key.clone()).await;
+            let err = client.sync(&fast).await.expect_err(why).to_string();
+            assert!(err.starts_with("no answer from"), "{why}: {err}");
+            if client_key.is_some() {
+                assert!(
+                    err.contains("authentication may have failed"),
+                    "{why}: {err}"
+                );
+            }
+        }
+        let stats = server.stop().await;
+        assert!(stats.auth_failed.get() >= 3, "{stats}");
+    }
+}
+
+/// A man in the middle who knows the protocol: forwards every datagram,
+/// but sends each reply first in a forged form, its server timestamps a
+/// second later (re-encoded properly, with the original tag
+/// if it had one), then as it came. Returns its address.
+async fn forger(server: SocketAddr) -> SocketAddr {
+    let front = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let back = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    back.connect(server).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut client = None;
+        let (mut a, mut b) = ([0u8; 2048], [0u8; 2048]);
+        for _ in 0..10_000 {
+            tokio::select! {
+                Ok((n, from)) = front.recv_from(&mut a) => {
+                    client = Some(from);
+                    let _ = back.send(&a[..n]).await;
+                }
+                Ok(n) = back.recv(&mut b) => {
+                    let Some(to) = client else { continue };
+                    if let Some(forged) = forge(&b[..n]) {
+                        let _ = front.send_to(&forged, to).await;
+                    }
+                    let _ = front.send_to(&b[..n], to).await;
+                }
+                () = tokio::time::sleep(Duration::from_secs(5)) => break,
+            }
+        }
+    });
+    addr
+}
+
+/// The reply with its server timestamps moved a second later.
+fn forge(reply: &[u8]) -> Option<Vec<u8>> {
+    let tagged = reply.get(3)? & 0x80 != 0;
+    let plain_len = if tagged {
+        reply.len().checked_sub(20)?
+    } else {
+        reply.len()
+    };
+    let mut plain = reply[..plain_len].to_vec();
+    plain[3] &= 0x7f;
+    let mut frame = wire::decode_server(&plain, None, |_| None).ok()?;
+    let later = |t: &mut Timestamp| *t = t.saturating_add(Nanos::from_secs(1));
+    match &mut frame.reply {
+        Reply::Probe { ts2, ts3, .. } => {
+            later(ts2);
+            later(ts3);
+        }
+        Reply::Now { time } => later(time),
+        Reply::Error { .. } => return None,
+    }
+    let mut out: DatagramBuf = [0; wire::MAX_DATAGRAM];
+    let len = wire::encode_server(&frame, &mut out[..48], None)?;
+    let mut forged = out[..len].to_vec();
+    if tagged {
+        forged[3] |= 0x80;
+        forged.extend_from_slice(&reply[plain_len..]);
+    }
+    Some(forged)
+}
+
+#[tokio::test]
+async fn without_keys_a_forger_moves_the_clock() {
+    // The control for the test below: the forgery works on plain time.
+    let server = start(skewed(0)).await;
+    let mitm = forger(server.addr).await;
+    let client = connect_keyed(mitm, None).await;
+    let report = client.sync(&SyncOptions::default()).await.expect("sync");
+    let off = report.estimate.offset.as_nanos();
+    assert!(
+        (900_000_000..1_100_000_000).contains(&off),
+        "forgery not taken: {off} ns"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn forged_replies_never_change_an_authenticated_result() {
+    let key = Key::generate(3);
+    let server = start(keyed(skewed(0), &key)).await;
+    let mitm = forger(server.addr).await;
+    let client = connect_keyed(mitm, Some(key)).await;
+    for _ in 0..3 {
+        let report = client.sync(&SyncOptions::default()).await.expect("sync");
+        assert!(
+            report.estimate.contains(Nanos::ZERO),
+            "{:?}",
+            report.estimate
+        );
+        assert!(report.estimate.bound() < Nanos::from_millis(5));
+        for s in &report.samples {
+            assert!(s.offset().abs() < Nanos::from_millis(5), "{s:?}");
+        }
+    }
+    assert!(
+        client.stats().auth_failed.get() >= 15,
+        "forgeries were not even seen"
+    );
+    server.stop().await;
 }

@@ -19,14 +19,14 @@
 //! each time. A lost datagram costs milliseconds, not the whole timeout.
 //! A probe whose budget runs out is skipped and counted as lost.
 
+use crate::auth::Key;
 use crate::clock::{Clock, SystemClock};
 use crate::rpc::TimeServiceClient;
 use crate::sync::{
     self, Estimate, EstimateError, Estimator, NowExchange, Sample, SampleError, SyncParams,
 };
 use crate::time::{Nanos, Timestamp};
-use crate::transport::client::{ClientStats, UdpClientTransport, client_config};
-use crate::transport::socket::Stamping;
+use crate::transport::client::{ClientOptions, ClientStats, UdpClientTransport, client_config};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use std::fmt;
@@ -172,6 +172,10 @@ pub struct NoAnswer {
     pub server_errors: u64,
     /// Answers that did not make valid samples.
     pub rejected: u32,
+    /// Replies whose authentication failed.
+    pub auth_failed: u64,
+    /// The key the requests were tagged with, if any.
+    pub key_id: Option<u32>,
     /// Set when the local transport itself failed.
     pub transport_failed: bool,
 }
@@ -191,6 +195,13 @@ impl fmt::Display for NoAnswer {
             "connection refused: nothing is listening there".to_string()
         } else if self.unreachable > 0 {
             "host or network unreachable".to_string()
+        } else if self.auth_failed > 0 {
+            format!(
+                "{} replies failed authentication: the server does not hold the same key{}",
+                self.auth_failed,
+                self.key_id
+                    .map_or(String::new(), |id| format!(" (id {id})"))
+            )
         } else if self.malformed > 0 {
             format!(
                 "{} malformed replies: is this a cerv server?",
@@ -202,6 +213,10 @@ impl fmt::Display for NoAnswer {
             format!("the server refused {} requests (busy?)", self.server_errors)
         } else if self.rejected > 0 {
             format!("{} replies had inconsistent timestamps", self.rejected)
+        } else if let Some(id) = self.key_id {
+            format!(
+                "every request timed out; authentication may have failed: does the server hold key {id}, and require keys?"
+            )
         } else {
             "every request timed out".to_string()
         };
@@ -216,6 +231,7 @@ pub struct TimeClient {
     clock: Arc<dyn Clock>,
     stats: Arc<ClientStats>,
     server: SocketAddr,
+    key_id: Option<u32>,
 }
 
 /// How one call (with its retries) ended.
@@ -235,18 +251,19 @@ impl TimeClient {
 
     /// Like [`connect`](Self::connect), with another clock.
     pub async fn connect_with_clock(server: SocketAddr, clock: Arc<dyn Clock>) -> io::Result<Self> {
-        Self::connect_with(server, clock, Stamping::Kernel).await
+        Self::connect_with(server, clock, ClientOptions::default()).await
     }
 
-    /// Like [`connect`](Self::connect), with another clock and a choice of
-    /// where receive timestamps come from.
+    /// Like [`connect`](Self::connect), with another clock, and the
+    /// transport's options (timestamps, key).
     pub async fn connect_with(
         server: SocketAddr,
         clock: Arc<dyn Clock>,
-        stamping: Stamping,
+        options: ClientOptions,
     ) -> io::Result<Self> {
         let socket = UdpClientTransport::bind_connected(server).await?;
-        let transport = UdpClientTransport::with_stamping(socket, clock.clone(), stamping);
+        let key_id = options.key.as_ref().map(Key::id);
+        let transport = UdpClientTransport::new(socket, clock.clone(), options);
         let stats = transport.stats();
         let rpc = TimeServiceClient::new(client_config(), transport).spawn();
         Ok(TimeClient {
@@ -254,6 +271,7 @@ impl TimeClient {
             clock,
             stats,
             server,
+            key_id,
         })
     }
 
@@ -444,6 +462,8 @@ impl TimeClient {
                 unmatched: self.stats.unmatched.get(),
                 server_errors,
                 rejected,
+                auth_failed: self.stats.auth_failed.get(),
+                key_id: self.key_id,
                 transport_failed,
             }));
         }

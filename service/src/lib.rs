@@ -5,9 +5,11 @@
 //! - [`sync`]: the clock math, pure: samples, offsets, honest error bounds.
 //! - [`rpc`]: the tarpc service trait, [`TimeService`].
 //! - [`wire`]: the datagram format, decoded and validated.
+//! - [`auth`]: pre-shared keys and the tags that authenticate datagrams.
 //! - [`transport`]: tarpc over UDP, client and server side.
 //! - [`client`]: connect, probe and sync in a few lines.
 
+pub mod auth;
 pub mod client;
 pub mod clock;
 pub mod rpc;

@@ -7,8 +7,9 @@
 //! ```text
 //! byte 0..2  magic "cf"
 //! byte 2     version (1)
-//! byte 3     kind: 1 request, 2 cancel, 3 response
+//! byte 3     kind: 1 request, 2 cancel, 3 response; +0x80 if authenticated
 //! byte 4..   body (postcard), then zero padding
+//! [then, if authenticated: key id (4 bytes) and tag (16 bytes), see crate::auth]
 //! ```
 //!
 //! Bytes from the network are decoded into the mirror types here, never
@@ -22,6 +23,7 @@
 //! are cut to fit). A spoofed request therefore never draws a reply larger
 //! than itself.
 
+use crate::auth::{Key, Keys, TAG_LEN, TRAILER_LEN, Tag};
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -38,6 +40,8 @@ pub const MAX_REPLY_LEN: usize = MIN_REQUEST_LEN;
 pub const MAX_DEADLINE: Duration = Duration::from_secs(30);
 
 const MAGIC: [u8; 2] = *b"cf";
+/// Set in the kind byte of an authenticated datagram.
+const AUTH_BIT: u8 = 0x80;
 /// The protocol version this crate speaks.
 pub const VERSION: u8 = 1;
 const HEADER_LEN: usize = 4;
@@ -179,6 +183,39 @@ pub enum DecodeError {
     /// Non-zero bytes after the body.
     #[error("trailing bytes after the body")]
     Trailing,
+    /// Authentication failed.
+    #[error("authentication failed: {0}")]
+    Auth(AuthError),
+}
+
+/// Why an authenticated exchange failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// Keys are in use, and the datagram carries no tag.
+    #[error("no tag")]
+    Missing,
+    /// The datagram carries a tag, and this side has no keys.
+    #[error("tagged, but no keys are configured")]
+    Unexpected,
+    /// The key id is not one of ours.
+    #[error("unknown key id {0}")]
+    UnknownKey(u32),
+    /// The tag does not match the datagram.
+    #[error("bad tag")]
+    BadTag,
+    /// A reply for no request we sent.
+    #[error("reply to no request sent")]
+    Unmatched,
+}
+
+/// How a request was authenticated: the key and the request's tag, which
+/// the reply's tag covers too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Authenticated {
+    /// The key used.
+    pub key_id: u32,
+    /// The request's tag.
+    pub tag: Tag,
 }
 
 /// The encoded body of a request on the wire (the deadline in microseconds).
@@ -203,9 +240,14 @@ fn write_header(buf: &mut [u8], kind: Kind) {
     buf[3] = kind as u8;
 }
 
-/// Encodes a client datagram, padded to [`MIN_REQUEST_LEN`]; returns its
-/// length. The deadline saturates at what the wire holds (about 71 min).
-pub fn encode_client(frame: &ClientFrame, buf: &mut DatagramBuf) -> usize {
+/// Encodes a client datagram, padded to [`MIN_REQUEST_LEN`] and, with a
+/// key, followed by the key id and tag; returns its length and its tag.
+/// The deadline saturates at what the wire holds (about 71 min).
+pub fn encode_client(
+    frame: &ClientFrame,
+    buf: &mut DatagramBuf,
+    key: Option<&Key>,
+) -> (usize, Option<Tag>) {
     let (header, body) = buf.split_at_mut(HEADER_LEN);
     let written = match frame {
         ClientFrame::Request { id, deadline, call } => {
@@ -229,10 +271,41 @@ pub fn encode_client(frame: &ClientFrame, buf: &mut DatagramBuf) -> usize {
     write_header(header, kind_byte);
     let padded = len.max(MIN_REQUEST_LEN);
     buf[len..padded].fill(0);
-    padded
+    match key {
+        None => (padded, None),
+        Some(key) => {
+            buf[3] |= AUTH_BIT;
+            let tag = sign(key, buf, padded, None);
+            (padded + TRAILER_LEN, Some(tag))
+        }
+    }
 }
 
-fn check_header(bytes: &[u8]) -> Result<u8, DecodeError> {
+/// Appends the key id and the tag of `buf[..plain]` (and of `bound_to`,
+/// for a reply) after `plain`; returns the tag.
+fn sign(key: &Key, buf: &mut [u8], plain: usize, bound_to: Option<&Tag>) -> Tag {
+    buf[plain..plain + 4].copy_from_slice(&key.id().to_le_bytes());
+    let signed = &buf[..plain + 4];
+    let tag = match bound_to {
+        Some(request) => key.tag(&[signed, request]),
+        None => key.tag(&[signed]),
+    };
+    buf[plain + 4..plain + TRAILER_LEN].copy_from_slice(&tag);
+    tag
+}
+
+/// Splits an authenticated datagram into the part its tag covers, the key
+/// id and the tag.
+fn split_trailer(bytes: &[u8]) -> Option<(&[u8], u32, &[u8])> {
+    let plain_len = bytes.len().checked_sub(TRAILER_LEN)?;
+    let (signed, tag) = bytes.split_at(plain_len + 4);
+    let id_bytes: [u8; 4] = signed[plain_len..].try_into().ok()?;
+    Some((signed, u32::from_le_bytes(id_bytes), tag))
+}
+
+/// Checks size, magic and version; returns the kind and whether the
+/// datagram says it is authenticated.
+fn check_header(bytes: &[u8]) -> Result<(u8, bool), DecodeError> {
     if bytes.len() > MAX_DATAGRAM {
         return Err(DecodeError::Oversized);
     }
@@ -242,7 +315,7 @@ fn check_header(bytes: &[u8]) -> Result<u8, DecodeError> {
     if bytes[2] != VERSION {
         return Err(DecodeError::Version(bytes[2]));
     }
-    Ok(bytes[3])
+    Ok((bytes[3] & !AUTH_BIT, bytes[3] & AUTH_BIT != 0))
 }
 
 fn body<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, DecodeError> {
@@ -254,36 +327,78 @@ fn body<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, DecodeError> {
     Ok(value)
 }
 
-/// Decodes and validates a datagram a server received.
-pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
-    let kind = check_header(bytes)?;
-    if bytes.len() < MIN_REQUEST_LEN {
+/// Decodes and validates a datagram a server received. With `keys`, only
+/// datagrams tagged with one of them are accepted (and their tag is
+/// checked before anything else); without, only untagged ones.
+pub fn decode_client(
+    bytes: &[u8],
+    keys: Option<&Keys>,
+) -> Result<(ClientFrame, Option<Authenticated>), DecodeError> {
+    let (kind, tagged) = check_header(bytes)?;
+    let (plain, auth) = match (tagged, keys) {
+        (false, None) => (bytes, None),
+        (false, Some(_)) => return Err(DecodeError::Auth(AuthError::Missing)),
+        (true, None) => return Err(DecodeError::Auth(AuthError::Unexpected)),
+        (true, Some(keys)) => {
+            if bytes.len() < MIN_REQUEST_LEN + TRAILER_LEN {
+                return Err(DecodeError::Unpadded);
+            }
+            let Some((signed, key_id, tag)) = split_trailer(bytes) else {
+                return Err(DecodeError::Unpadded);
+            };
+            let key = keys
+                .get(key_id)
+                .ok_or(DecodeError::Auth(AuthError::UnknownKey(key_id)))?;
+            if !key.verify(&[signed], tag) {
+                return Err(DecodeError::Auth(AuthError::BadTag));
+            }
+            let mut request_tag = [0u8; TAG_LEN];
+            request_tag.copy_from_slice(tag);
+            let plain = &bytes[..bytes.len() - TRAILER_LEN];
+            (
+                plain,
+                Some(Authenticated {
+                    key_id,
+                    tag: request_tag,
+                }),
+            )
+        }
+    };
+    if plain.len() < MIN_REQUEST_LEN {
         return Err(DecodeError::Unpadded);
     }
-    match kind {
+    let frame = match kind {
         k if k == Kind::Request as u8 => {
             let RequestBody {
                 id,
                 deadline_us,
                 call,
-            } = body(bytes)?;
+            } = body(plain)?;
             let deadline = Duration::from_micros(u64::from(deadline_us)).min(MAX_DEADLINE);
-            Ok(ClientFrame::Request { id, deadline, call })
+            ClientFrame::Request { id, deadline, call }
         }
         k if k == Kind::Cancel as u8 => {
-            let CancelBody { id } = body(bytes)?;
-            Ok(ClientFrame::Cancel { id })
+            let CancelBody { id } = body(plain)?;
+            ClientFrame::Cancel { id }
         }
-        other => Err(DecodeError::Kind(other)),
-    }
+        other => return Err(DecodeError::Kind(other)),
+    };
+    Ok((frame, auth))
 }
 
-/// Encodes a reply into `buf`, which is as long as the reply may be (at
-/// most [`MAX_REPLY_LEN`] for a server); returns its length, or `None` if
-/// it cannot fit. Error details are shortened, on a character boundary,
-/// until the reply fits.
-pub fn encode_server(frame: &ServerFrame, buf: &mut [u8]) -> Option<usize> {
-    let limit = buf.len().min(MAX_DATAGRAM);
+/// Encodes a reply into `buf`, which is as long as the reply may be (for
+/// a server: [`MAX_REPLY_LEN`], plus [`TRAILER_LEN`] when authenticated);
+/// returns its length, or `None` if it cannot fit. Error details are
+/// shortened, on a character boundary, until the reply fits. With `auth`,
+/// the reply is tagged with the key the request used, bound to the
+/// request's tag.
+pub fn encode_server(
+    frame: &ServerFrame,
+    buf: &mut [u8],
+    auth: Option<(&Key, &Tag)>,
+) -> Option<usize> {
+    let trailer = if auth.is_some() { TRAILER_LEN } else { 0 };
+    let limit = buf.len().min(MAX_DATAGRAM).checked_sub(trailer)?;
     if limit < HEADER_LEN {
         return None;
     }
@@ -324,14 +439,46 @@ pub fn encode_server(frame: &ServerFrame, buf: &mut [u8]) -> Option<usize> {
         }
     };
     write_header(&mut buf[..HEADER_LEN], Kind::Response);
-    Some(len)
+    match auth {
+        None => Some(len),
+        Some((key, request_tag)) => {
+            buf[3] |= AUTH_BIT;
+            sign(key, buf, len, Some(request_tag));
+            Some(len + TRAILER_LEN)
+        }
+    }
 }
 
-/// Decodes and validates a datagram a client received.
-pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, DecodeError> {
-    match check_header(bytes)? {
-        k if k == Kind::Response as u8 => body(bytes),
-        other => Err(DecodeError::Kind(other)),
+/// Decodes and validates a datagram a client received. With `key`, the
+/// reply must be tagged with it, bound to the tag of the request it answers
+/// (`request_tag` looks that up by request id); without, it must be
+/// untagged.
+pub fn decode_server(
+    bytes: &[u8],
+    key: Option<&Key>,
+    request_tag: impl FnOnce(u64) -> Option<Tag>,
+) -> Result<ServerFrame, DecodeError> {
+    let (kind, tagged) = check_header(bytes)?;
+    if kind != Kind::Response as u8 {
+        return Err(DecodeError::Kind(kind));
+    }
+    match (tagged, key) {
+        (false, None) => body(bytes),
+        (false, Some(_)) => Err(DecodeError::Auth(AuthError::Missing)),
+        (true, None) => Err(DecodeError::Auth(AuthError::Unexpected)),
+        (true, Some(key)) => {
+            let (signed, key_id, tag) =
+                split_trailer(bytes).ok_or(DecodeError::Auth(AuthError::BadTag))?;
+            if key_id != key.id() {
+                return Err(DecodeError::Auth(AuthError::UnknownKey(key_id)));
+            }
+            let frame: ServerFrame = body(&bytes[..bytes.len() - TRAILER_LEN])?;
+            let request = request_tag(frame.id).ok_or(DecodeError::Auth(AuthError::Unmatched))?;
+            if !key.verify(&[signed, &request], tag) {
+                return Err(DecodeError::Auth(AuthError::BadTag));
+            }
+            Ok(frame)
+        }
     }
 }
 
@@ -342,6 +489,22 @@ mod tests {
 
     fn buf() -> DatagramBuf {
         [0xAA; MAX_DATAGRAM]
+    }
+
+    fn enc(frame: &ClientFrame, buf: &mut DatagramBuf) -> usize {
+        encode_client(frame, buf, None).0
+    }
+
+    fn dec_c(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
+        decode_client(bytes, None).map(|(frame, _)| frame)
+    }
+
+    fn enc_s(frame: &ServerFrame, buf: &mut [u8]) -> Option<usize> {
+        encode_server(frame, buf, None)
+    }
+
+    fn dec_s(bytes: &[u8]) -> Result<ServerFrame, DecodeError> {
+        decode_server(bytes, None, |_| None)
     }
 
     fn largest_replies() -> Vec<ServerFrame> {
@@ -391,17 +554,17 @@ mod tests {
         ];
         for frame in frames {
             let mut b = buf();
-            let len = encode_client(&frame, &mut b);
+            let len = enc(&frame, &mut b);
             assert_eq!(len, MIN_REQUEST_LEN);
             assert_eq!(&b[..3], b"cf\x01");
-            assert_eq!(decode_client(&b[..len]), Ok(frame));
+            assert_eq!(dec_c(&b[..len]), Ok(frame));
         }
     }
 
     #[test]
     fn matches_the_example_in_protocol_md() {
         let mut b = buf();
-        let len = encode_client(
+        let len = enc(
             &ClientFrame::Request {
                 id: 5,
                 deadline: Duration::from_millis(500),
@@ -420,9 +583,9 @@ mod tests {
     fn every_reply_fits_the_smallest_request() {
         for frame in largest_replies() {
             let mut b = buf();
-            let len = encode_server(&frame, &mut b[..MIN_REQUEST_LEN]).expect("fits");
+            let len = enc_s(&frame, &mut b[..MIN_REQUEST_LEN]).expect("fits");
             assert!(len <= MAX_REPLY_LEN, "{frame:?} is {len} bytes");
-            let back = decode_server(&b[..len]).unwrap();
+            let back = dec_s(&b[..len]).unwrap();
             assert_eq!(back.id, frame.id);
             if let (Reply::Error { detail, .. }, Reply::Error { detail: long, .. }) =
                 (&back.reply, &frame.reply)
@@ -444,8 +607,8 @@ mod tests {
             },
         };
         let mut b = buf();
-        let len = encode_server(&frame, &mut b[..MIN_REQUEST_LEN]).unwrap();
-        let Reply::Error { detail, .. } = decode_server(&b[..len]).unwrap().reply else {
+        let len = enc_s(&frame, &mut b[..MIN_REQUEST_LEN]).unwrap();
+        let Reply::Error { detail, .. } = dec_s(&b[..len]).unwrap().reply else {
             panic!("not an error")
         };
         assert!(detail.chars().all(|c| c == 'é'));
@@ -459,7 +622,7 @@ mod tests {
                 time: Timestamp::from_nanos(i64::MAX),
             },
         };
-        assert_eq!(encode_server(&frame, &mut buf()[..8]), None);
+        assert_eq!(enc_s(&frame, &mut buf()[..8]), None);
     }
 
     #[test]
@@ -470,8 +633,8 @@ mod tests {
             call: Call::Now,
         };
         let mut b = buf();
-        let len = encode_client(&frame, &mut b);
-        let ClientFrame::Request { deadline, .. } = decode_client(&b[..len]).unwrap() else {
+        let len = enc(&frame, &mut b);
+        let ClientFrame::Request { deadline, .. } = dec_c(&b[..len]).unwrap() else {
             panic!()
         };
         assert_eq!(deadline, MAX_DEADLINE);
@@ -480,28 +643,28 @@ mod tests {
     #[test]
     fn bad_datagrams_are_named() {
         let mut good = buf();
-        let len = encode_client(&ClientFrame::Cancel { id: 1 }, &mut good);
+        let len = enc(&ClientFrame::Cancel { id: 1 }, &mut good);
         let good = &good[..len];
         let with = |i: usize, v: u8| {
             let mut d = good.to_vec();
             d[i] = v;
             d
         };
-        assert_eq!(decode_client(&[0; 1201]), Err(DecodeError::Oversized));
-        assert_eq!(decode_client(b"cf"), Err(DecodeError::BadMagic));
-        assert_eq!(decode_client(&with(0, b'x')), Err(DecodeError::BadMagic));
-        assert_eq!(decode_client(&with(2, 9)), Err(DecodeError::Version(9)));
-        assert_eq!(decode_client(&with(3, 3)), Err(DecodeError::Kind(3)));
-        assert_eq!(decode_client(&with(3, 0)), Err(DecodeError::Kind(0)));
-        assert_eq!(decode_client(&with(47, 1)), Err(DecodeError::Trailing));
-        assert_eq!(decode_client(&good[..20]), Err(DecodeError::Unpadded));
+        assert_eq!(dec_c(&[0; 1201]), Err(DecodeError::Oversized));
+        assert_eq!(dec_c(b"cf"), Err(DecodeError::BadMagic));
+        assert_eq!(dec_c(&with(0, b'x')), Err(DecodeError::BadMagic));
+        assert_eq!(dec_c(&with(2, 9)), Err(DecodeError::Version(9)));
+        assert_eq!(dec_c(&with(3, 3)), Err(DecodeError::Kind(3)));
+        assert_eq!(dec_c(&with(3, 0)), Err(DecodeError::Kind(0)));
+        assert_eq!(dec_c(&with(47, 1)), Err(DecodeError::Trailing));
+        assert_eq!(dec_c(&good[..20]), Err(DecodeError::Unpadded));
         // A request kind with a body that ends too early.
         let mut short = with(3, 1);
         short[4..].fill(0xFF);
-        assert_eq!(decode_client(&short), Err(DecodeError::Malformed));
+        assert_eq!(dec_c(&short), Err(DecodeError::Malformed));
         // A server must not take a response, nor a client a request.
         let mut reply = buf();
-        let n = encode_server(
+        let n = enc_s(
             &ServerFrame {
                 id: 1,
                 reply: Reply::Now {
@@ -513,15 +676,154 @@ mod tests {
         .unwrap();
         let mut padded = reply[..n].to_vec();
         padded.resize(MIN_REQUEST_LEN, 0);
-        assert_eq!(decode_client(&padded), Err(DecodeError::Kind(3)));
-        assert_eq!(decode_server(good), Err(DecodeError::Kind(2)));
+        assert_eq!(dec_c(&padded), Err(DecodeError::Kind(3)));
+        assert_eq!(dec_s(good), Err(DecodeError::Kind(2)));
+    }
+
+    fn key(id: u32, fill: u8) -> Key {
+        Key::new(id, [fill; 32])
+    }
+
+    fn probe_request(id: u64) -> ClientFrame {
+        ClientFrame::Request {
+            id,
+            deadline: Duration::from_millis(500),
+            call: Call::Probe {
+                ts1: Timestamp::from_nanos(1_790_000_000_000_000_000),
+            },
+        }
+    }
+
+    #[test]
+    fn authenticated_requests_round_trip_and_resist_tampering() {
+        let k = key(7, 1);
+        let keys = Keys::single(k.clone());
+        let mut b = buf();
+        let (len, tag) = encode_client(&probe_request(3), &mut b, Some(&k));
+        assert_eq!(len, MIN_REQUEST_LEN + TRAILER_LEN);
+        let (frame, auth) = decode_client(&b[..len], Some(&keys)).unwrap();
+        assert_eq!(frame, probe_request(3));
+        assert_eq!(
+            auth,
+            Some(Authenticated {
+                key_id: 7,
+                tag: tag.unwrap()
+            })
+        );
+
+        // Every single flipped bit is caught (the kind byte's auth bit
+        // turns it into a malformed or unauthenticated datagram instead).
+        for i in 0..len {
+            for bit in 0..8 {
+                let mut t = b[..len].to_vec();
+                t[i] ^= 1 << bit;
+                assert!(
+                    decode_client(&t, Some(&keys)).is_err(),
+                    "byte {i} bit {bit}"
+                );
+            }
+        }
+        let auth_err = |bytes: &[u8], keys| match decode_client(bytes, keys) {
+            Err(DecodeError::Auth(e)) => Some(e),
+            _ => None,
+        };
+        // A key we do not hold, no keys at all, no tag at all.
+        let stranger = Keys::single(key(8, 1));
+        assert_eq!(
+            auth_err(&b[..len], Some(&stranger)),
+            Some(AuthError::UnknownKey(7))
+        );
+        let same_id_other_secret = Keys::single(key(7, 2));
+        assert_eq!(
+            auth_err(&b[..len], Some(&same_id_other_secret)),
+            Some(AuthError::BadTag)
+        );
+        assert_eq!(auth_err(&b[..len], None), Some(AuthError::Unexpected));
+        let mut plain = buf();
+        let (n, none) = encode_client(&probe_request(3), &mut plain, None);
+        assert_eq!(none, None);
+        assert_eq!(auth_err(&plain[..n], Some(&keys)), Some(AuthError::Missing));
+        // A tagged datagram cut short is not padded.
+        assert_eq!(
+            decode_client(&b[..len - 1], Some(&keys)).map(|_| ()),
+            Err(DecodeError::Unpadded)
+        );
+    }
+
+    #[test]
+    fn authenticated_replies_are_bound_to_their_request() {
+        let k = key(7, 1);
+        let mut b = buf();
+        let (_, tag) = encode_client(&probe_request(3), &mut b, Some(&k));
+        let request_tag = tag.unwrap();
+        let reply = ServerFrame {
+            id: 3,
+            reply: Reply::Probe {
+                ts1: Timestamp::from_nanos(i64::MIN),
+                ts2: Timestamp::from_nanos(i64::MAX),
+                ts3: Timestamp::from_nanos(i64::MAX),
+            },
+        };
+        let mut out = buf();
+        let len = encode_server(
+            &reply,
+            &mut out[..MAX_REPLY_LEN + TRAILER_LEN],
+            Some((&k, &request_tag)),
+        )
+        .expect("the largest reply fits, tagged");
+        assert!(
+            len <= MIN_REQUEST_LEN + TRAILER_LEN,
+            "a tagged reply of {len} bytes"
+        );
+        let bytes = &out[..len];
+        assert_eq!(
+            decode_server(bytes, Some(&k), |id| (id == 3).then_some(request_tag)),
+            Ok(reply.clone())
+        );
+        // Presented as the answer to another request, it fails.
+        let mut other = request_tag;
+        other[0] ^= 1;
+        assert_eq!(
+            decode_server(bytes, Some(&k), |_| Some(other)),
+            Err(DecodeError::Auth(AuthError::BadTag))
+        );
+        assert_eq!(
+            decode_server(bytes, Some(&k), |_| None),
+            Err(DecodeError::Auth(AuthError::Unmatched))
+        );
+        assert_eq!(
+            decode_server(bytes, Some(&key(9, 1)), |_| Some(request_tag)),
+            Err(DecodeError::Auth(AuthError::UnknownKey(7)))
+        );
+        assert_eq!(
+            decode_server(bytes, None, |_| None),
+            Err(DecodeError::Auth(AuthError::Unexpected))
+        );
+        let mut plain = buf();
+        let n = encode_server(&reply, &mut plain[..MAX_REPLY_LEN], None).unwrap();
+        assert_eq!(
+            decode_server(&plain[..n], Some(&k), |_| Some(request_tag)),
+            Err(DecodeError::Auth(AuthError::Missing))
+        );
+        // Tampering with any byte of a tagged reply is caught.
+        for i in 0..len {
+            let mut t = bytes.to_vec();
+            t[i] ^= 0x10;
+            assert!(
+                decode_server(&t, Some(&k), |_| Some(request_tag)).is_err(),
+                "byte {i}"
+            );
+        }
     }
 
     proptest! {
         #[test]
         fn decoders_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..1300)) {
-            let _ = decode_client(&bytes);
-            let _ = decode_server(&bytes);
+            let _ = dec_c(&bytes);
+            let _ = dec_s(&bytes);
+            let keys = Keys::single(key(1, 3));
+            let _ = decode_client(&bytes, Some(&keys));
+            let _ = decode_server(&bytes, keys.first(), |_| Some([0; TAG_LEN]));
         }
 
         #[test]
@@ -532,13 +834,13 @@ mod tests {
             value in any::<u8>(),
         ) {
             let mut b = buf();
-            let len = encode_client(&ClientFrame::Request {
+            let len = enc(&ClientFrame::Request {
                 id,
                 deadline: Duration::from_millis(250),
                 call: Call::Probe { ts1: Timestamp::from_nanos(ts1) },
             }, &mut b);
             b[at] = value;
-            if let Ok(ClientFrame::Request { deadline, .. }) = decode_client(&b[..len]) {
+            if let Ok(ClientFrame::Request { deadline, .. }) = dec_c(&b[..len]) {
                 prop_assert!(deadline <= MAX_DEADLINE);
             }
         }
@@ -551,8 +853,8 @@ mod tests {
                 call: Call::Probe { ts1: Timestamp::from_nanos(ts1) },
             };
             let mut b = buf();
-            let len = encode_client(&frame, &mut b);
-            prop_assert_eq!(decode_client(&b[..len]), Ok(frame));
+            let len = enc(&frame, &mut b);
+            prop_assert_eq!(dec_c(&b[..len]), Ok(frame));
         }
 
         #[test]
@@ -566,9 +868,9 @@ mod tests {
                 },
             };
             let mut buf = buf();
-            let len = encode_server(&frame, &mut buf[..MIN_REQUEST_LEN]).unwrap();
+            let len = enc_s(&frame, &mut buf[..MIN_REQUEST_LEN]).unwrap();
             prop_assert!(len <= MIN_REQUEST_LEN);
-            prop_assert_eq!(decode_server(&buf[..len]), Ok(frame));
+            prop_assert_eq!(dec_s(&buf[..len]), Ok(frame));
         }
     }
 }

@@ -140,8 +140,8 @@ fn kernel_time(h: &libc::msghdr) -> Option<Timestamp> {
     None
 }
 
-/// Largest datagram a [`SendBatch`] holds.
-pub const SEND_LEN: usize = crate::wire::MAX_REPLY_LEN;
+/// Largest datagram a [`SendBatch`] holds: the largest reply, tagged.
+pub const SEND_LEN: usize = crate::wire::MAX_REPLY_LEN + crate::auth::TRAILER_LEN;
 
 /// Buffers for one `sendmmsg`.
 pub struct SendBatch {

@@ -3,6 +3,7 @@
 
 use super::socket::{Stamping, enable_timestamps, poll_recv_stamped};
 use super::{Counter, is_transient};
+use crate::auth::{Key, Tag};
 use crate::clock::{Clock, SystemClock};
 use crate::rpc::{ProbeReply, TimeServiceRequest, TimeServiceResponse};
 use crate::time::Timestamp;
@@ -49,6 +50,19 @@ pub struct ClientStats {
     pub malformed: Counter,
     /// Replies that match no request we sent (stale, duplicated, forged).
     pub unmatched: Counter,
+    /// Replies whose authentication failed (missing, unexpected or wrong
+    /// tag).
+    pub auth_failed: Counter,
+}
+
+/// How a client transport works.
+#[derive(Clone, Debug, Default)]
+pub struct ClientOptions {
+    /// Where ts4 comes from.
+    pub stamping: Stamping,
+    /// With a key, every request is tagged with it and only replies tagged
+    /// with it, bound to their request, are accepted.
+    pub key: Option<Key>,
 }
 
 /// A request as sent, kept to check the reply that claims to answer it.
@@ -56,6 +70,7 @@ pub struct ClientStats {
 struct Sent {
     wire_id: u64,
     probe_ts1: Option<Timestamp>,
+    tag: Option<Tag>,
 }
 
 /// The client end of the UDP transport for [`crate::rpc::TimeService`].
@@ -81,6 +96,7 @@ pub struct UdpClientTransport {
     tx: Box<DatagramBuf>,
     stats: Arc<ClientStats>,
     closed: bool,
+    key: Option<Key>,
 }
 
 impl UdpClientTransport {
@@ -112,15 +128,16 @@ impl UdpClientTransport {
     }
 
     /// Wraps a socket already connected to the server, with kernel
-    /// receive timestamps.
+    /// receive timestamps and no key.
     pub fn from_connected(socket: UdpSocket, clock: Arc<dyn Clock>) -> Self {
-        Self::with_stamping(socket, clock, Stamping::Kernel)
+        Self::new(socket, clock, ClientOptions::default())
     }
 
-    /// Wraps a connected socket, taking ts4 as `stamping` says (falling back
-    /// to user-space stamps if the kernel cannot).
-    pub fn with_stamping(socket: UdpSocket, clock: Arc<dyn Clock>, stamping: Stamping) -> Self {
-        if stamping == Stamping::Kernel
+    /// Wraps a connected socket, taking ts4 as `options.stamping` says
+    /// (falling back to user-space stamps if the kernel cannot), and
+    /// authenticating with `options.key`.
+    pub fn new(socket: UdpSocket, clock: Arc<dyn Clock>, options: ClientOptions) -> Self {
+        if options.stamping == Stamping::Kernel
             && let Err(e) = enable_timestamps(&socket)
         {
             tracing::debug!(error = %e, "kernel receive timestamps unavailable");
@@ -135,6 +152,7 @@ impl UdpClientTransport {
             tx: Box::new([0; MAX_DATAGRAM]),
             stats: Arc::default(),
             closed: false,
+            key: options.key,
         }
     }
 
@@ -190,7 +208,7 @@ impl UdpClientTransport {
                 *ts1 = self.clock.now();
                 probe_ts1 = Some(*ts1);
             }
-            let len = wire::encode_client(frame, &mut self.tx);
+            let (len, tag) = wire::encode_client(frame, &mut self.tx, self.key.as_ref());
             match self.socket.poll_send(cx, &self.tx[..len]) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(_)) => {
@@ -199,6 +217,7 @@ impl UdpClientTransport {
                         self.sent[(id % SENT_RING as u64) as usize] = Some(Sent {
                             wire_id: id,
                             probe_ts1,
+                            tag,
                         });
                     }
                     return Poll::Ready(());
@@ -278,14 +297,26 @@ impl Stream for UdpClientTransport {
                 Poll::Ready(Ok(arrival)) => {
                     let ts4 = arrival.time_on(&*this.clock);
                     let len = arrival.len;
-                    let frame = match wire::decode_server(&this.rx[..len]) {
-                        Ok(frame) => frame,
-                        Err(reason) => {
-                            this.stats.malformed.incr();
-                            tracing::debug!(len, %reason, "dropping malformed reply");
-                            continue;
-                        }
+                    let sent = &this.sent;
+                    let tag_of = |id: u64| {
+                        sent[(id % SENT_RING as u64) as usize]
+                            .filter(|s| s.wire_id == id)
+                            .and_then(|s| s.tag)
                     };
+                    let frame =
+                        match wire::decode_server(&this.rx[..len], this.key.as_ref(), tag_of) {
+                            Ok(frame) => frame,
+                            Err(reason @ wire::DecodeError::Auth(_)) => {
+                                this.stats.auth_failed.incr();
+                                tracing::debug!(len, %reason, "dropping reply");
+                                continue;
+                            }
+                            Err(reason) => {
+                                this.stats.malformed.incr();
+                                tracing::debug!(len, %reason, "dropping malformed reply");
+                                continue;
+                            }
+                        };
                     match this.response_for(frame, ts4) {
                         Some(response) => {
                             this.stats.received.incr();

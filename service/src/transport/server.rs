@@ -38,10 +38,14 @@
 use super::batch::{BATCH, RecvBatch, SendBatch};
 use super::socket::{Arrival, Stamping, enable_timestamps};
 use super::{Counter, is_transient};
+use crate::auth::Keys;
 use crate::clock::Clock;
 use crate::rpc::{TimeServiceRequest, TimeServiceResponse};
 use crate::time::Timestamp;
-use crate::wire::{self, Call, ClientFrame, DecodeError, ErrorCode, Reply, ServerFrame};
+use crate::wire::{
+    self, Authenticated, Call, ClientFrame, DecodeError, ErrorCode, MAX_REPLY_LEN, Reply,
+    ServerFrame,
+};
 use futures::{Sink, Stream, StreamExt};
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -78,6 +82,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Where ts2 comes from.
     pub stamping: Stamping,
+    /// With keys, only datagrams tagged with one of them are accepted, and
+    /// replies are tagged with the request's key, bound to the request.
+    pub keys: Option<Arc<Keys>>,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +96,7 @@ impl Default for ServerConfig {
             max_in_flight: 128,
             shutdown_grace: Duration::from_secs(2),
             stamping: Stamping::Kernel,
+            keys: None,
         }
     }
 }
@@ -106,6 +114,8 @@ pub struct ServerStats {
     pub unpadded: Counter,
     /// Not this protocol, another version or kind, or a bad body.
     pub malformed: Counter,
+    /// Missing, unexpected or wrong authentication.
+    pub auth_failed: Counter,
     /// Dropped because the peer's queue was full.
     pub queue_full: Counter,
     /// Dropped because the peer table was full.
@@ -128,6 +138,7 @@ impl ServerStats {
         self.oversized.get()
             + self.unpadded.get()
             + self.malformed.get()
+            + self.auth_failed.get()
             + self.queue_full.get()
             + self.table_full.get()
             + self.stray.get()
@@ -137,6 +148,7 @@ impl ServerStats {
         match e {
             DecodeError::Oversized => self.oversized.incr(),
             DecodeError::Unpadded => self.unpadded.incr(),
+            DecodeError::Auth(_) => self.auth_failed.incr(),
             _ => self.malformed.incr(),
         }
     }
@@ -159,6 +171,7 @@ impl fmt::Display for ServerStats {
             ("oversized", &self.oversized),
             ("unpadded", &self.unpadded),
             ("malformed", &self.malformed),
+            ("auth failed", &self.auth_failed),
             ("queue full", &self.queue_full),
             ("table full", &self.table_full),
             ("stray", &self.stray),
@@ -182,6 +195,7 @@ impl fmt::Display for ServerStats {
 struct Inbound {
     frame: ClientFrame,
     received: Timestamp,
+    auth: Option<Authenticated>,
 }
 
 /// A reply on its way to the writer; its send time is stamped there.
@@ -189,6 +203,7 @@ struct Outgoing {
     to: SocketAddr,
     id: u64,
     reply: PendingReply,
+    auth: Option<Authenticated>,
 }
 
 enum PendingReply {
@@ -239,9 +254,10 @@ pub struct PeerTransport {
     outbox: Arc<Outbox>,
     stats: Arc<ServerStats>,
     context: tarpc::context::Context,
-    /// When each request in flight arrived: its ts2.
-    arrivals: [Option<(u64, Timestamp)>; ARRIVALS],
+    /// When each request in flight arrived (its ts2), and its tag.
+    arrivals: [Option<(u64, Timestamp, Option<Authenticated>)>; ARRIVALS],
     max_in_flight: usize,
+    has_keys: bool,
 }
 
 /// A peer's tarpc channel, as handed to the function that runs it.
@@ -256,7 +272,8 @@ impl PeerTransport {
     fn message_for(&mut self, inbound: Inbound) -> ClientMessage<TimeServiceRequest> {
         match inbound.frame {
             ClientFrame::Request { id, deadline, call } => {
-                self.arrivals[(id % ARRIVALS as u64) as usize] = Some((id, inbound.received));
+                self.arrivals[(id % ARRIVALS as u64) as usize] =
+                    Some((id, inbound.received, inbound.auth));
                 let message = match call {
                     Call::Probe { ts1 } => TimeServiceRequest::Probe { ts1 },
                     Call::Now => TimeServiceRequest::Now {},
@@ -283,14 +300,35 @@ impl PeerTransport {
     fn send(&mut self, response: Response<TimeServiceResponse>) {
         let id = response.request_id;
         let slot = &mut self.arrivals[(id % ARRIVALS as u64) as usize];
-        let arrival = slot.filter(|(sid, _)| *sid == id).map(|(_, at)| at);
+        let Some((_, arrival, auth)) = slot.filter(|(sid, ..)| *sid == id) else {
+            // The request's record was overwritten by later ones (more than
+            // ARRIVALS in flight): its tag is gone, so an authenticated
+            // reply cannot be made; an untagged one goes out with the
+            // handler's own ts2.
+            if self.has_keys {
+                self.stats.send_failed.incr();
+            } else {
+                let reply = pending_reply(response.message, None);
+                self.outbox.push(
+                    Outgoing {
+                        to: self.peer,
+                        id,
+                        reply,
+                        auth: None,
+                    },
+                    &self.stats,
+                );
+            }
+            return;
+        };
         *slot = None;
-        let reply = pending_reply(response.message, arrival);
+        let reply = pending_reply(response.message, Some(arrival));
         self.outbox.push(
             Outgoing {
                 to: self.peer,
                 id,
                 reply,
+                auth,
             },
             &self.stats,
         );
@@ -406,6 +444,7 @@ async fn write_replies(
     outbox: Arc<Outbox>,
     clock: Arc<dyn Clock>,
     stats: Arc<ServerStats>,
+    keys: Option<Arc<Keys>>,
 ) {
     let fd = socket.as_raw_fd();
     let mut taken = Vec::with_capacity(BATCH);
@@ -430,11 +469,20 @@ async fn write_replies(
                 PendingReply::Error { code, detail } => Reply::Error { code, detail },
             };
             let frame = ServerFrame { id: out.id, reply };
-            // Every request was at least MIN_REQUEST_LEN bytes and the
-            // batch's buffers are that long, so a reply is never larger
-            // than what caused it.
+            // The request was tagged with one of our keys (or decoding it
+            // would have failed), and its reply is tagged with the same.
+            let auth = match (out.auth, keys.as_deref()) {
+                (Some(a), Some(keys)) => keys.get(a.key_id).map(|key| (key, a.tag)),
+                _ => None,
+            };
+            // Every request was at least MIN_REQUEST_LEN bytes (plus the
+            // trailer, when tagged) and a reply is cut to MAX_REPLY_LEN
+            // (plus the trailer), so it is never larger than what caused it.
             batch.push(out.to, |buf| {
-                let len = wire::encode_server(&frame, buf);
+                let len = match &auth {
+                    Some((key, tag)) => wire::encode_server(&frame, buf, Some((key, tag))),
+                    None => wire::encode_server(&frame, &mut buf[..MAX_REPLY_LEN], None),
+                };
                 if len.is_none() {
                     warn!(id = frame.id, "reply does not fit its request; dropped");
                     stats.send_failed.incr();
@@ -485,6 +533,7 @@ const SWEEP_EVERY: Duration = Duration::from_millis(500);
 fn decode(
     stats: &ServerStats,
     clock: &dyn Clock,
+    keys: Option<&Keys>,
     bytes: &[u8],
     arrival: &Arrival,
 ) -> Option<(SocketAddr, Inbound)> {
@@ -496,14 +545,15 @@ fn decode(
     let decoded = if arrival.truncated {
         Err(DecodeError::Oversized)
     } else {
-        wire::decode_client(bytes)
+        wire::decode_client(bytes, keys)
     };
     match decoded {
-        Ok(frame) => Some((
+        Ok((frame, auth)) => Some((
             from,
             Inbound {
                 frame,
                 received: arrival.time_on(clock),
+                auth,
             },
         )),
         Err(reason) => {
@@ -596,6 +646,7 @@ where
             context: self.context,
             arrivals: [None; ARRIVALS],
             max_in_flight: self.config.max_in_flight.max(1),
+            has_keys: self.config.keys.is_some(),
         };
         // A fresh queue has room for one.
         let _ = tx.try_send(inbound);
@@ -655,13 +706,14 @@ impl<H> Inline<H> {
         to: SocketAddr,
         id: u64,
         message: Result<TimeServiceResponse, tarpc::ServerError>,
-        arrival: Timestamp,
+        inbound: &Inbound,
     ) {
         self.outbox.push(
             Outgoing {
                 to,
                 id,
-                reply: pending_reply(message, Some(arrival)),
+                reply: pending_reply(message, Some(inbound.received)),
+                auth: inbound.auth,
             },
             &self.stats,
         );
@@ -695,7 +747,7 @@ where
         let mut handler = (self.handler)(context, request);
         let mut cx = Context::from_waker(futures::task::noop_waker_ref());
         if let Poll::Ready(message) = handler.as_mut().poll(&mut cx) {
-            self.reply(from, id, message, inbound.received);
+            self.reply(from, id, message, &inbound);
             return;
         }
         // It must wait: give it a task, within the limits.
@@ -707,13 +759,14 @@ where
                 io::ErrorKind::WouldBlock,
                 "too many requests in flight".into(),
             );
-            self.reply(from, id, Err(busy), inbound.received);
+            self.reply(from, id, Err(busy), &inbound);
             return;
         }
         let waiting = InFlight::enter(count);
         let outbox = self.outbox.clone();
         let stats = self.stats.clone();
         let received = inbound.received;
+        let auth = inbound.auth;
         let handle = self.pending.spawn(async move {
             // Past its deadline the client has stopped waiting: no answer.
             if let Ok(message) = tokio::time::timeout_at(deadline.into(), handler).await {
@@ -722,6 +775,7 @@ where
                         to: from,
                         id,
                         reply: pending_reply(message, Some(received)),
+                        auth,
                     },
                     &stats,
                 );
@@ -887,6 +941,7 @@ impl UdpServer {
             outbox.clone(),
             self.clock.clone(),
             self.stats.clone(),
+            self.config.keys.clone(),
         ));
         let mut batch = RecvBatch::default();
         let fd = self.socket.as_raw_fd();
@@ -907,9 +962,13 @@ impl UdpServer {
                     match received {
                         Ok(_) => {
                             for (bytes, arrival) in batch.iter() {
-                                if let Some((from, inbound)) =
-                                    decode(&self.stats, &*self.clock, bytes, arrival)
-                                {
+                                if let Some((from, inbound)) = decode(
+                                    &self.stats,
+                                    &*self.clock,
+                                    self.config.keys.as_deref(),
+                                    bytes,
+                                    arrival,
+                                ) {
                                     dispatch.dispatch(from, inbound, tick);
                                 }
                             }
