@@ -104,7 +104,8 @@ pub fn measure_with(
     fient_args: &[&str],
     cerv_args: &[&str],
 ) -> Vec<Run> {
-    let mut args = vec!["--offset", "+250ms"];
+    // Every run comes from 127.0.0.1, hundreds a second: no rate limit.
+    let mut args = vec!["--offset", "+250ms", "--rate-limit", "0"];
     args.extend_from_slice(cerv_args);
     let cerv = Cerv::start(&args);
     let fient = harness::bin("fient");

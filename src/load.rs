@@ -41,6 +41,9 @@ pub struct LoadConfig {
     pub duration: Duration,
     /// A request unanswered this long is counted lost and replaced.
     pub timeout: Duration,
+    /// At most one request per this interval and socket (zero: as fast as
+    /// the window allows).
+    pub pace: Duration,
 }
 
 /// What a load run measured.
@@ -95,9 +98,17 @@ fn run_socket(
         .map_err(|e| io::Error::other(e.to_string()))?;
     let (mut replies, mut lost, mut invalid) = (0u64, 0u64, 0u64);
     let mut last_sweep = Instant::now();
+    let mut next_send = Instant::now();
 
     while Instant::now() < stop_at {
         while outstanding < window {
+            if !config.pace.is_zero() {
+                let now = Instant::now();
+                if now < next_send {
+                    break;
+                }
+                next_send = now + config.pace;
+            }
             let id = next_id;
             next_id += 1;
             let slot = (id as usize) & (ring_len - 1);
@@ -127,6 +138,11 @@ fn run_socket(
                     break;
                 }
             }
+        }
+        if !config.pace.is_zero() && outstanding == 0 {
+            // Nothing in flight: wait for the next send time.
+            std::thread::sleep(next_send.saturating_duration_since(Instant::now()));
+            continue;
         }
         match socket.recv(&mut rx) {
             Ok(n) => {
@@ -318,4 +334,65 @@ pub fn many_peers(target: SocketAddr, count: usize, wait: Duration) -> io::Resul
         }
     }
     Ok(answered)
+}
+
+/// Sends valid probe requests from `source` to `target` as fast as one
+/// thread can, until `stop` is set or `limit` passes; returns how many.
+pub fn flood(
+    target: SocketAddr,
+    source: std::net::IpAddr,
+    stop: &AtomicBool,
+    limit: Duration,
+) -> io::Result<u64> {
+    let socket = UdpSocket::bind((source, 0))?;
+    socket.connect(target)?;
+    socket.set_nonblocking(true)?;
+    let mut tx: DatagramBuf = [0; MAX_DATAGRAM];
+    let mut rx = [0u8; 2048];
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while !stop.load(Ordering::Relaxed) && started.elapsed() < limit {
+        let (len, _) = wire::encode_client(
+            &ClientFrame::Request {
+                id: sent,
+                deadline: Duration::from_secs(1),
+                call: Call::Probe {
+                    ts1: SystemClock.now(),
+                },
+            },
+            &mut tx,
+            None,
+        );
+        if socket.send(&tx[..len]).is_ok() {
+            sent += 1;
+        }
+        // Drain whatever came back, so our own buffer never fills.
+        while socket.recv(&mut rx).is_ok() {}
+    }
+    Ok(sent)
+}
+
+/// Sends one probe request from each of `count` distinct loopback source
+/// addresses (127.16.0.0 upward), without waiting for answers: what a
+/// server sees of a flood with spoofed source addresses.
+pub fn spoof(target: SocketAddr, count: u32) -> io::Result<u32> {
+    let mut tx: DatagramBuf = [0; MAX_DATAGRAM];
+    let base = u32::from(std::net::Ipv4Addr::new(127, 16, 0, 0));
+    let mut sent = 0;
+    for i in 0..count.min(1 << 20) {
+        let socket = UdpSocket::bind((std::net::Ipv4Addr::from(base + i), 0))?;
+        let (len, _) = wire::encode_client(
+            &ClientFrame::Request {
+                id: u64::from(i),
+                deadline: Duration::from_secs(30),
+                call: Call::Now,
+            },
+            &mut tx,
+            None,
+        );
+        if socket.send_to(&tx[..len], target).is_ok() {
+            sent += 1;
+        }
+    }
+    Ok(sent)
 }

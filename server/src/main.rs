@@ -4,6 +4,7 @@ use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use server::{BindError, Config, Server};
 use service::time::Nanos;
+use service::transport::limit::RateLimit;
 use service::transport::server::ServerConfig;
 use service::transport::socket::Stamping;
 use std::io::IsTerminal;
@@ -73,6 +74,19 @@ struct Args {
     /// of `<key id> <64 hex digits>`), and authenticate the replies.
     #[arg(long, value_name = "PATH")]
     key_file: Option<std::path::PathBuf>,
+
+    /// Datagrams per second one client address may send (an IPv6 client:
+    /// its /64); more are dropped. 0 turns limiting off.
+    #[arg(long, default_value_t = RateLimit::default().rate, value_name = "N")]
+    rate_limit: u32,
+
+    /// Datagrams one client address may send at once after a quiet spell.
+    #[arg(long, default_value_t = RateLimit::default().burst, value_name = "N")]
+    rate_burst: u32,
+
+    /// Log the counters this often when they change (0: only at shutdown).
+    #[arg(long, default_value = "60s", value_name = "DURATION")]
+    stats_interval: Nanos,
 
     /// Print a new random key line for a key file, with this id, and exit.
     #[arg(long, value_name = "ID")]
@@ -161,6 +175,12 @@ fn config_from(args: &Args) -> Result<Config, Failure> {
     };
     let processing_delay = non_negative(args.processing_delay, "--processing-delay")?;
     let idle_timeout = non_negative(args.idle_timeout, "--idle-timeout")?;
+    let stats_interval = non_negative(args.stats_interval, "--stats-interval")?;
+    if args.rate_limit > 0 && args.rate_burst == 0 {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "invalid --rate-burst '0': must be at least 1 when --rate-limit is on"
+        )));
+    }
     let keys = match &args.key_file {
         None => None,
         Some(path) => {
@@ -188,6 +208,11 @@ fn config_from(args: &Args) -> Result<Config, Failure> {
             idle_timeout: idle_timeout.max(Duration::from_millis(500)),
             stamping: args.timestamping,
             keys,
+            rate_limit: RateLimit {
+                rate: args.rate_limit,
+                burst: args.rate_burst,
+            },
+            stats_interval,
             ..ServerConfig::default()
         },
         dispatch: args.dispatch,

@@ -38,6 +38,9 @@ struct Args {
     /// Distinct client addresses for the memory run.
     #[arg(long, default_value_t = 10_000)]
     peers: usize,
+    /// Spoofed source addresses for the spoofing run.
+    #[arg(long, default_value_t = 100_000)]
+    spoofed: u32,
     /// fient processes for the one-shot timing.
     #[arg(long, default_value_t = 50)]
     fient_runs: usize,
@@ -59,6 +62,8 @@ enum Part {
     Latency,
     Fient,
     Memory,
+    Flood,
+    Spoof,
 }
 
 fn describe(name: &str, r: &LoadReport) -> String {
@@ -117,12 +122,19 @@ fn main() {
             sockets: args.sockets,
             duration,
             timeout: Duration::from_millis(200),
+            pace: Duration::ZERO,
         };
         for _ in 0..args.runs {
             let r = load::run(addr, Target::Cerv, config).expect("load");
             println!("{}", describe("cerv", &r));
         }
         return;
+    }
+    // The load generator is one client asking as fast as it can: rate
+    // limiting would measure the limiter, not the server.
+    let mut cerv_args = cerv_args;
+    if !cerv_args.iter().any(|a| a.starts_with("--rate-limit")) {
+        cerv_args.extend(["--rate-limit", "0"]);
     }
     let cerv = Cerv::start(&cerv_args);
     println!(
@@ -138,6 +150,7 @@ fn main() {
             sockets: args.sockets,
             duration,
             timeout: Duration::from_millis(200),
+            pace: Duration::ZERO,
         };
         println!(
             "\n## throughput: window {}, {} socket(s), {:?} per run",
@@ -156,6 +169,7 @@ fn main() {
             sockets: 1,
             duration,
             timeout: Duration::from_millis(200),
+            pace: Duration::ZERO,
         };
         println!("\n## latency: window 1, {duration:?} per run");
         let pairs = compare(cerv.addr, echo.addr(), config, args.runs);
@@ -217,5 +231,103 @@ fn main() {
     let (_, log) = cerv.stop();
     if let Some(line) = log.lines().find(|l| l.contains("server stopped")) {
         println!("\ncerv: {}", line.split("stats=").nth(1).unwrap_or(line));
+    }
+
+    // The hardening parts run against a cerv with its default limits.
+    if wants(Part::Flood) {
+        flood_part(duration, args.runs, &args.cerv_args);
+    }
+    if wants(Part::Spoof) {
+        spoof_part(args.spoofed, &args.cerv_args);
+    }
+}
+
+/// A client's latency at window 1, idle and while one other address
+/// floods the server (with cerv's default rate limit).
+fn flood_part(duration: Duration, runs: usize, cerv_args: &[String]) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let args: Vec<&str> = cerv_args.iter().map(String::as_str).collect();
+    let cerv = Cerv::start(&args);
+    // 50 requests a second: an honest client, well under the limit.
+    let config = LoadConfig {
+        window: 1,
+        sockets: 1,
+        duration,
+        timeout: Duration::from_millis(200),
+        pace: Duration::from_millis(20),
+    };
+    println!(
+        "\n## flood: a client asking 50 times a second, idle and while 127.0.0.2 floods ({duration:?} per run)"
+    );
+    let mut ratios = Vec::new();
+    for i in 0..runs {
+        let idle = load::run(cerv.addr, Target::Cerv, config).expect("idle run");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flooder = {
+            let (stop, target) = (stop.clone(), cerv.addr);
+            std::thread::spawn(move || {
+                load::flood(
+                    target,
+                    "127.0.0.2".parse().expect("ip"),
+                    &stop,
+                    load::MAX_DURATION,
+                )
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        let flooded = load::run(cerv.addr, Target::Cerv, config).expect("flooded run");
+        stop.store(true, Ordering::Relaxed);
+        let sent = flooder.join().expect("flooder").unwrap_or(0);
+        let flood_rate = sent as f64 / (duration.as_secs_f64() + 0.4);
+        println!("run {}:", i + 1);
+        println!("  {}", describe("idle", &idle));
+        println!("  {}", describe("flood", &flooded));
+        println!("  flood: {flood_rate:.0} datagrams/s from 127.0.0.2");
+        ratios.push((flooded.rtt_us(0.5) / idle.rtt_us(0.5) * 1e4) as i64);
+    }
+    println!(
+        "median p50 latency ratio, flooded/idle: {:.3}",
+        median(&ratios).unwrap_or(0) as f64 / 1e4
+    );
+    let (_, log) = cerv.stop();
+    if let Some(line) = log.lines().find(|l| l.contains("server stopped")) {
+        println!("cerv: {}", line.split("stats=").nth(1).unwrap_or(line));
+    }
+}
+
+/// Memory and service before and after requests from many spoofed
+/// source addresses.
+fn spoof_part(count: u32, cerv_args: &[String]) {
+    let args: Vec<&str> = cerv_args.iter().map(String::as_str).collect();
+    let cerv = Cerv::start(&args);
+    println!("\n## spoofing: one request from each of {count} source addresses");
+    let warm = run(
+        Command::new(bin("fient")).arg(cerv.target()),
+        Duration::from_secs(10),
+    );
+    let before = load::rss_kib(cerv.pid()).unwrap_or(0);
+    let started = std::time::Instant::now();
+    let sent = load::spoof(cerv.addr, count).expect("spoof");
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = load::rss_kib(cerv.pid()).unwrap_or(0);
+    let peak = load::peak_rss_kib(cerv.pid()).unwrap_or(0);
+    let check = run(
+        Command::new(bin("fient")).arg(cerv.target()),
+        Duration::from_secs(10),
+    );
+    println!(
+        "sent {sent} in {:.1} s; cerv RSS {:.1} MiB before, {:.1} MiB after, peak {:.1} MiB; fient before: exit {:?}, after: exit {:?}",
+        took.as_secs_f64(),
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        peak as f64 / 1024.0,
+        warm.code(),
+        check.code()
+    );
+    let (_, log) = cerv.stop();
+    if let Some(line) = log.lines().find(|l| l.contains("server stopped")) {
+        println!("cerv: {}", line.split("stats=").nth(1).unwrap_or(line));
     }
 }

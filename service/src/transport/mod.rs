@@ -11,6 +11,7 @@
 
 pub mod batch;
 pub mod client;
+pub mod limit;
 pub mod server;
 pub mod socket;
 

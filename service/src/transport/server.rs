@@ -36,6 +36,7 @@
 //! taken just before the replies leave, however many there are.
 
 use super::batch::{BATCH, RecvBatch, SendBatch};
+use super::limit::{DEFAULT_SLOTS, Limiter, RateLimit};
 use super::socket::{Arrival, Stamping, enable_timestamps};
 use super::{Counter, is_transient};
 use crate::auth::Keys;
@@ -85,18 +86,25 @@ pub struct ServerConfig {
     /// With keys, only datagrams tagged with one of them are accepted, and
     /// replies are tagged with the request's key, bound to the request.
     pub keys: Option<Arc<Keys>>,
+    /// How fast one source address may send.
+    pub rate_limit: RateLimit,
+    /// How often the counters are logged (when they changed); zero: never,
+    /// only at shutdown.
+    pub stats_interval: Duration,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            max_peers: 4096,
+            max_peers: 1024,
             peer_queue: 128,
             idle_timeout: Duration::from_secs(30),
             max_in_flight: 128,
             shutdown_grace: Duration::from_secs(2),
             stamping: Stamping::Kernel,
             keys: None,
+            rate_limit: RateLimit::default(),
+            stats_interval: Duration::from_secs(60),
         }
     }
 }
@@ -116,6 +124,8 @@ pub struct ServerStats {
     pub malformed: Counter,
     /// Missing, unexpected or wrong authentication.
     pub auth_failed: Counter,
+    /// Over their source's rate limit.
+    pub rate_limited: Counter,
     /// Dropped because the peer's queue was full.
     pub queue_full: Counter,
     /// Dropped because the peer table was full.
@@ -139,6 +149,7 @@ impl ServerStats {
             + self.unpadded.get()
             + self.malformed.get()
             + self.auth_failed.get()
+            + self.rate_limited.get()
             + self.queue_full.get()
             + self.table_full.get()
             + self.stray.get()
@@ -172,6 +183,7 @@ impl fmt::Display for ServerStats {
             ("unpadded", &self.unpadded),
             ("malformed", &self.malformed),
             ("auth failed", &self.auth_failed),
+            ("rate limited", &self.rate_limited),
             ("queue full", &self.queue_full),
             ("table full", &self.table_full),
             ("stray", &self.stray),
@@ -537,7 +549,6 @@ fn decode(
     bytes: &[u8],
     arrival: &Arrival,
 ) -> Option<(SocketAddr, Inbound)> {
-    stats.received.incr();
     let Some(from) = arrival.from else {
         stats.malformed.incr();
         return None;
@@ -948,6 +959,9 @@ impl UdpServer {
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tick: u64 = 0;
+        let mut limiter = Limiter::new(self.config.rate_limit, DEFAULT_SLOTS);
+        let started = Instant::now();
+        let mut last_log = (started, 0u64);
         tokio::pin!(shutdown);
 
         loop {
@@ -957,11 +971,26 @@ impl UdpServer {
                 _ = sweep.tick() => {
                     tick += 1;
                     dispatch.sweep(tick);
+                    let interval = self.config.stats_interval;
+                    let received = self.stats.received.get();
+                    if !interval.is_zero() && last_log.0.elapsed() >= interval && received != last_log.1 {
+                        info!(stats = %self.stats, "counters");
+                        last_log = (Instant::now(), received);
+                    }
                 }
                 received = self.socket.async_io(Interest::READABLE, || batch.recv(fd)) => {
                     match received {
                         Ok(_) => {
+                            // One clock reading per batch for the limiter.
+                            let now = started.elapsed().as_nanos() as u64;
                             for (bytes, arrival) in batch.iter() {
+                                self.stats.received.incr();
+                                if let Some(from) = arrival.from
+                                    && !limiter.allow(from.ip(), now)
+                                {
+                                    self.stats.rate_limited.incr();
+                                    continue;
+                                }
                                 if let Some((from, inbound)) = decode(
                                     &self.stats,
                                     &*self.clock,
