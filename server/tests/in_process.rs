@@ -1,6 +1,7 @@
 //! The server and the client library in one process, over real loopback
 //! sockets: the transport's promises, checked datagram by datagram.
 
+use proptest::prelude::prop;
 use server::{Config, Dispatch, Server};
 use service::auth::{Key, Keys};
 use service::client::{SyncOptions, TimeClient};
@@ -572,4 +573,113 @@ async fn forged_replies_never_change_an_authenticated_result() {
         "forgeries were not even seen"
     );
     server.stop().await;
+}
+
+/// Datagrams of every kind a hostile or broken network can produce.
+fn junk_datagram() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::prelude::*;
+    let valid =
+        (any::<u64>(), any::<u32>(), any::<i64>(), 0..3u8).prop_map(|(id, us, ts1, kind)| {
+            let frame = match kind {
+                0 => ClientFrame::Request {
+                    id,
+                    deadline: Duration::from_micros(u64::from(us)),
+                    call: Call::Probe {
+                        ts1: Timestamp::from_nanos(ts1),
+                    },
+                },
+                1 => ClientFrame::Request {
+                    id,
+                    deadline: Duration::from_micros(u64::from(us)),
+                    call: Call::Now,
+                },
+                _ => ClientFrame::Cancel { id },
+            };
+            let mut buf: DatagramBuf = [0; wire::MAX_DATAGRAM];
+            let (len, _) = wire::encode_client(&frame, &mut buf, None);
+            buf[..len].to_vec()
+        });
+    let reply = (any::<u64>(), any::<i64>()).prop_map(|(id, t)| {
+        let frame = wire::ServerFrame {
+            id,
+            reply: Reply::Now {
+                time: Timestamp::from_nanos(t),
+            },
+        };
+        let mut buf: DatagramBuf = [0; wire::MAX_DATAGRAM];
+        let len = wire::encode_server(&frame, &mut buf[..48], None).unwrap_or(0);
+        let mut v = buf[..len].to_vec();
+        v.resize(48, 0);
+        v
+    });
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..1300),
+        (
+            valid.clone(),
+            prop::collection::vec((any::<usize>(), any::<u8>()), 1..8)
+        )
+            .prop_map(|(mut d, flips)| {
+                for (i, v) in flips {
+                    let i = i % d.len();
+                    d[i] ^= v;
+                }
+                d
+            }),
+        (valid.clone(), any::<usize>()).prop_map(|(d, n)| d[..n % (d.len() + 1)].to_vec()),
+        (valid.clone(), prop::collection::vec(any::<u8>(), 1..1300)).prop_map(|(mut d, more)| {
+            d.extend(more);
+            d
+        }),
+        valid,
+        reply,
+    ]
+}
+
+#[test]
+fn junk_datagrams_never_stop_the_server() {
+    use proptest::test_runner::{Config as Cases, TestCaseError, TestRunner};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for dispatch in DISPATCHES {
+        let server = rt.block_on(start(Config {
+            dispatch,
+            transport: ServerConfig {
+                // Let every datagram reach the decoder.
+                rate_limit: RateLimit::OFF,
+                ..ServerConfig::default()
+            },
+            ..skewed(9)
+        }));
+        let junk = std::net::UdpSocket::bind("127.0.0.3:0").unwrap();
+        let client = rt.block_on(TimeClient::connect(server.addr)).unwrap();
+        let fast = SyncOptions {
+            timeout: Duration::from_millis(300),
+            ..SyncOptions::default()
+        };
+        let mut runner = TestRunner::new(Cases {
+            cases: 24,
+            failure_persistence: None,
+            ..Cases::default()
+        });
+        runner
+            .run(&prop::collection::vec(junk_datagram(), 1..200), |batch| {
+                for d in &batch {
+                    let _ = junk.send_to(d, server.addr);
+                }
+                let report = rt
+                    .block_on(client.sync(&fast))
+                    .map_err(|e| TestCaseError::fail(format!("{dispatch:?}: {e}")))?;
+                proptest::prop_assert!(report.estimate.contains(Nanos::from_millis(9)));
+                Ok(())
+            })
+            .unwrap();
+        let stats = rt.block_on(server.stop());
+        assert!(
+            stats.malformed.get() + stats.unpadded.get() + stats.oversized.get() > 100,
+            "{dispatch:?}: {stats}"
+        );
+    }
 }

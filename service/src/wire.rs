@@ -319,8 +319,11 @@ fn check_header(bytes: &[u8]) -> Result<(u8, bool), DecodeError> {
 }
 
 fn body<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, DecodeError> {
+    // A tagged datagram's plain part can be shorter than a header when the
+    // trailer overlaps it; never index past what is there.
+    let after_header = bytes.get(HEADER_LEN..).ok_or(DecodeError::Malformed)?;
     let (value, rest) =
-        postcard::take_from_bytes::<T>(&bytes[HEADER_LEN..]).map_err(|_| DecodeError::Malformed)?;
+        postcard::take_from_bytes::<T>(after_header).map_err(|_| DecodeError::Malformed)?;
     if rest.iter().any(|&b| b != 0) {
         return Err(DecodeError::Trailing);
     }
@@ -467,6 +470,9 @@ pub fn decode_server(
         (false, Some(_)) => Err(DecodeError::Auth(AuthError::Missing)),
         (true, None) => Err(DecodeError::Auth(AuthError::Unexpected)),
         (true, Some(key)) => {
+            if bytes.len() < HEADER_LEN + TRAILER_LEN {
+                return Err(DecodeError::Malformed);
+            }
             let (signed, key_id, tag) =
                 split_trailer(bytes).ok_or(DecodeError::Auth(AuthError::BadTag))?;
             if key_id != key.id() {
@@ -814,6 +820,25 @@ mod tests {
                 "byte {i}"
             );
         }
+    }
+
+    #[test]
+    fn a_trailer_overlapping_the_header_is_not_a_panic() {
+        // Found by reading the code: a tagged reply of 20 bytes whose "key
+        // id" is the header itself, checked by a client that happens to
+        // hold a key with that id, used to index past the plain part.
+        let mut d = vec![b'c', b'f', VERSION, Kind::Response as u8 | AUTH_BIT];
+        let overlapping_id = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+        d.extend([0u8; TAG_LEN]);
+        let k = Key::new(overlapping_id, [5; 32]);
+        assert!(decode_server(&d, Some(&k), |_| Some([0; TAG_LEN])).is_err());
+        for n in 0..d.len() {
+            let _ = decode_server(&d[..n], Some(&k), |_| Some([0; TAG_LEN]));
+        }
+        // And the same shape as a request, to a server holding that key.
+        let mut r = d.clone();
+        r[3] = Kind::Request as u8 | AUTH_BIT;
+        assert!(decode_client(&r, Some(&Keys::single(k))).is_err());
     }
 
     proptest! {
