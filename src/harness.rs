@@ -240,3 +240,56 @@ impl Drop for Cerv {
 pub fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
+
+/// CAP_SYS_TIME is bit 25 of the capability sets in /proc/self/status.
+const CAP_SYS_TIME: u32 = 25;
+
+fn has_cap_sys_time(status: &str) -> bool {
+    status
+        .lines()
+        .filter(|l| l.starts_with("CapEff:") || l.starts_with("CapPrm:"))
+        .any(|l| {
+            let hex = l.split_whitespace().nth(1).unwrap_or("0");
+            u64::from_str_radix(hex, 16).unwrap_or(u64::MAX) & (1 << CAP_SYS_TIME) != 0
+        })
+}
+
+/// A command prefix under which a process provably cannot set the clock,
+/// checked before it is returned: it panics if there is none, so that a
+/// test never runs a clock-setting command with the power to succeed.
+/// Tries, in order: nothing (we are already unprivileged), `setpriv`
+/// dropping CAP_SYS_TIME from every set, and a user namespace (where even
+/// "root" has no power over the real clock).
+pub fn without_clock_privilege() -> Vec<String> {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    if !has_cap_sys_time(&status) {
+        return vec![];
+    }
+    let setpriv = [
+        "setpriv",
+        "--bounding-set=-sys_time",
+        "--inh-caps=-sys_time",
+        "--ambient-caps=-sys_time",
+    ];
+    let probe = run(
+        Command::new(setpriv[0])
+            .args(&setpriv[1..])
+            .args(["cat", "/proc/self/status"]),
+        Duration::from_secs(10),
+    );
+    if probe.code() == Some(0) && !has_cap_sys_time(&probe.stdout) {
+        return setpriv.iter().map(|s| s.to_string()).collect();
+    }
+    let userns = ["unshare", "--user", "--map-root-user"];
+    let probe = run(
+        Command::new(userns[0])
+            .args(&userns[1..])
+            .args(["cat", "/proc/self/uid_map"]),
+        Duration::from_secs(10),
+    );
+    // In the initial namespace the map is "0 0 4294967295".
+    if probe.code() == Some(0) && !probe.stdout.contains("4294967295") {
+        return userns.iter().map(|s| s.to_string()).collect();
+    }
+    panic!("cannot drop CAP_SYS_TIME here (no setpriv nor user namespaces): refusing to run --set");
+}

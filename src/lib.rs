@@ -18,4 +18,4 @@ pub mod plot;
 pub mod relay;
 pub mod scenario;
 
-pub use harness::{Cerv, Finished, bin, fient, json, run};
+pub use harness::{Cerv, Finished, bin, fient, json, run, without_clock_privilege};

@@ -1,7 +1,7 @@
 //! End to end: every bad input ends with one clear line and the documented
 //! exit code, never a panic or a hang.
 
-use lab::{Cerv, bin, fient, json, run};
+use lab::{Cerv, bin, fient, json, run, without_clock_privilege};
 use std::net::UdpSocket;
 use std::process::Command;
 use std::time::Duration;
@@ -176,60 +176,9 @@ fn help_documents_exit_codes() {
     }
 }
 
-/// CAP_SYS_TIME is bit 25 of the capability sets in /proc/self/status.
-const CAP_SYS_TIME: u32 = 25;
-
-fn has_cap_sys_time(status: &str) -> bool {
-    status
-        .lines()
-        .filter(|l| l.starts_with("CapEff:") || l.starts_with("CapPrm:"))
-        .any(|l| {
-            let hex = l.split_whitespace().nth(1).unwrap_or("0");
-            u64::from_str_radix(hex, 16).unwrap_or(u64::MAX) & (1 << CAP_SYS_TIME) != 0
-        })
-}
-
-/// A command prefix under which a process provably cannot set the clock,
-/// and a check that proves it. Tries, in order: nothing (we are already
-/// unprivileged), `setpriv` dropping CAP_SYS_TIME from every set, and a
-/// user namespace (where even "root" has no power over the real clock).
-fn unprivileged_prefix() -> Vec<String> {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    if !has_cap_sys_time(&status) {
-        return vec![];
-    }
-    let setpriv = [
-        "setpriv",
-        "--bounding-set=-sys_time",
-        "--inh-caps=-sys_time",
-        "--ambient-caps=-sys_time",
-    ];
-    let probe = run(
-        Command::new(setpriv[0])
-            .args(&setpriv[1..])
-            .args(["cat", "/proc/self/status"]),
-        Duration::from_secs(10),
-    );
-    if probe.code() == Some(0) && !has_cap_sys_time(&probe.stdout) {
-        return setpriv.iter().map(|s| s.to_string()).collect();
-    }
-    let userns = ["unshare", "--user", "--map-root-user"];
-    let probe = run(
-        Command::new(userns[0])
-            .args(&userns[1..])
-            .args(["cat", "/proc/self/uid_map"]),
-        Duration::from_secs(10),
-    );
-    // In the initial namespace the map is "0 0 4294967295".
-    if probe.code() == Some(0) && !probe.stdout.contains("4294967295") {
-        return userns.iter().map(|s| s.to_string()).collect();
-    }
-    panic!("cannot drop CAP_SYS_TIME here (no setpriv nor user namespaces): refusing to run --set");
-}
-
 #[test]
 fn set_without_permission_exits_77_and_changes_nothing() {
-    let prefix = unprivileged_prefix();
+    let prefix = without_clock_privilege();
     // No skew: even if the sandbox were somehow defeated, the step would be
     // a few microseconds, not a visible jump on a shared machine.
     let server = Cerv::start(&[]);

@@ -3,6 +3,7 @@
 use clap::Parser;
 use service::auth::{Key, KeyFileError, Keys};
 use service::client::{GIVE_UP_AFTER, SyncOptions};
+use service::discipline::DisciplineConfig;
 use service::sync::{Estimator, SyncParams};
 use service::time::Nanos;
 use service::transport::socket::Stamping;
@@ -77,8 +78,56 @@ pub struct Args {
     pub json: bool,
 
     /// Step the system clock to the synchronized time.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["slew", "watch"])]
     pub set: bool,
+
+    /// Correct the system clock gradually (stepping only above
+    /// --step-threshold); with --watch, keep it disciplined.
+    #[arg(long)]
+    pub slew: bool,
+
+    /// With --slew: offsets above this are stepped, not slewed.
+    #[arg(
+        long,
+        default_value = "100ms",
+        value_name = "DURATION",
+        requires = "slew"
+    )]
+    pub step_threshold: Nanos,
+
+    /// With --slew: offsets above this are refused unless --force (0: no
+    /// limit).
+    #[arg(
+        long,
+        default_value = "1000s",
+        value_name = "DURATION",
+        requires = "slew"
+    )]
+    pub max_correction: Nanos,
+
+    /// With --slew: correct even beyond --max-correction.
+    #[arg(long, requires = "slew")]
+    pub force: bool,
+
+    /// Keep syncing every INTERVAL (with a little random spread), one line
+    /// per sync, until Ctrl-C or SIGTERM.
+    #[arg(long, value_name = "INTERVAL")]
+    pub watch: Option<Nanos>,
+
+    /// With --watch: stop after N syncs (0: never).
+    #[arg(long, default_value_t = 0, value_name = "N", requires = "watch")]
+    pub count: u64,
+}
+
+/// What to do to the clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Correction {
+    /// Report only.
+    None,
+    /// Step to the synchronized time (`--set`).
+    Step,
+    /// Slew, or step above the threshold (`--slew`).
+    Slew,
 }
 
 /// A validated invocation.
@@ -90,8 +139,14 @@ pub struct Plan {
     pub options: SyncOptions,
     /// Render JSON.
     pub json: bool,
-    /// Step the clock.
-    pub set: bool,
+    /// What to do to the clock.
+    pub correction: Correction,
+    /// How `--slew` decides.
+    pub discipline: DisciplineConfig,
+    /// Keep syncing at this interval.
+    pub watch: Option<std::time::Duration>,
+    /// Stop after this many syncs (0: never).
+    pub count: u64,
     /// Receive timestamps.
     pub stamping: Stamping,
     /// The key to authenticate with.
@@ -163,8 +218,45 @@ impl Args {
                 Some(key.clone())
             }
         };
+        let watch = match self.watch {
+            None => None,
+            Some(w) if w < Nanos::from_millis(10) || w > Nanos::from_secs(86_400) => {
+                return Err(bad("--watch", w.to_string(), "expected 10ms to 24h"));
+            }
+            Some(w) => Some(w.unsigned_duration()),
+        };
+        if self.step_threshold.is_negative() {
+            return Err(bad(
+                "--step-threshold",
+                self.step_threshold.to_string(),
+                "must not be negative",
+            ));
+        }
+        if self.max_correction.is_negative() {
+            return Err(bad(
+                "--max-correction",
+                self.max_correction.to_string(),
+                "must not be negative",
+            ));
+        }
+        let correction = match (self.set, self.slew) {
+            (true, _) => Correction::Step,
+            (false, true) => Correction::Slew,
+            (false, false) => Correction::None,
+        };
+        let discipline = DisciplineConfig {
+            correct: self.slew,
+            step_threshold: self.step_threshold,
+            max_correction: (self.max_correction > Nanos::ZERO).then_some(self.max_correction),
+            force: self.force,
+            ..DisciplineConfig::default()
+        };
         Ok(Plan {
             key,
+            correction,
+            discipline,
+            watch,
+            count: self.count,
             server: self.server.clone(),
             options: SyncOptions {
                 probes: self.probes,
@@ -177,7 +269,6 @@ impl Args {
                 },
             },
             json: self.json,
-            set: self.set,
             stamping: self.timestamping,
         })
     }
@@ -216,7 +307,7 @@ mod tests {
         assert_eq!(plan.options.probes, 5);
         assert_eq!(plan.options.timeout, Duration::from_millis(500));
         assert_eq!(plan.options.estimator, Estimator::MidMedian);
-        assert!(!plan.json && !plan.set);
+        assert!(!plan.json && plan.correction == Correction::None && plan.watch.is_none());
         assert_eq!(give_up_within(&plan.options), Duration::from_secs(1));
     }
 
@@ -241,7 +332,7 @@ mod tests {
         assert_eq!(plan.options.timeout, Duration::from_millis(1500));
         assert_eq!(plan.options.retries, 0);
         assert_eq!(plan.options.estimator, Estimator::MinRtt);
-        assert!(plan.json && plan.set);
+        assert!(plan.json && plan.correction == Correction::Step);
     }
 
     #[test]
@@ -255,6 +346,11 @@ mod tests {
             (&["--timeout", "soon"][..], "invalid duration 'soon'"),
             (&["--estimator", "best"][..], "unknown estimator 'best'"),
             (&["--probes", "-1"][..], "unexpected argument '-1'"),
+            (&["--watch", "1ms"][..], "invalid --watch '1.000ms'"),
+            (&["--set", "--slew"][..], "cannot be used with"),
+            (&["--set", "--watch", "1s"][..], "cannot be used with"),
+            (&["--count", "3"][..], "--watch"),
+            (&["--force"][..], "--slew"),
         ] {
             let err = parse(args).unwrap_err();
             assert!(err.contains(needle), "{args:?}: {err}");

@@ -5,14 +5,18 @@
 //! - [`address`]: turning `host[:port]` into a socket address, with errors
 //!   that name the input.
 //! - [`report`]: the human and `--json` renderings of one sync.
+//! - [`watch`]: `--watch`, a sync every interval, and with `--slew` the
+//!   discipline of the clock.
 //! - [`Exit`]: the exit codes, decided in one place.
 
 pub mod address;
 pub mod cli;
 pub mod report;
+pub mod watch;
 
 use service::client::{SyncError, TimeClient};
 use service::clock::{Clock, ClockError, SystemClock};
+use service::discipline;
 use service::transport::client::ClientOptions;
 use std::io::Write;
 use std::sync::Arc;
@@ -49,24 +53,58 @@ impl Failure {
     }
 }
 
-/// What `--set` did to the clock.
+/// What fient did to the clock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClockAction {
-    /// Report only (no `--set`).
+    /// Report only.
     None,
     /// The clock was stepped by this much.
     Stepped(service::Nanos),
-    /// Setting the clock was refused; nothing changed.
+    /// A gradual correction by this much was started.
+    Slewed(service::Nanos),
+    /// The offset is beyond `--max-correction`: nothing was changed.
+    TooLarge(service::Nanos),
+    /// Changing the clock was refused (permission); nothing changed.
     Refused,
 }
 
-/// Runs one invocation against `clock`, writing results to `out`: sync,
-/// optionally step the clock, render. Errors are returned, not printed.
-pub async fn run(
+/// Applies what the discipline decided to `clock`; returns what was done
+/// and the error that stopped it, if any.
+pub fn apply(
+    clock: &dyn Clock,
+    action: discipline::Action,
+    frequency_ppb: Option<i64>,
+) -> (ClockAction, Option<ClockError>) {
+    use discipline::Action;
+    let done = match action {
+        Action::None => Ok(ClockAction::None),
+        Action::Step(by) => clock.step(by).map(|()| ClockAction::Stepped(by)),
+        Action::Slew(by) => clock.slew(by).map(|_| ClockAction::Slewed(by)),
+        Action::Refuse(by) => Ok(ClockAction::TooLarge(by)),
+    };
+    let done = done.and_then(|action| match frequency_ppb {
+        Some(ppb) => clock.set_frequency(ppb).map(|()| action),
+        None => Ok(action),
+    });
+    match done {
+        Ok(action) => (action, None),
+        Err(e) => (ClockAction::Refused, Some(e)),
+    }
+}
+
+/// The failure a clock error means: 77 for permission, 1 otherwise.
+fn clock_failure(e: ClockError) -> Failure {
+    match e {
+        e @ ClockError::PermissionDenied { .. } => Failure::new(Exit::Permission, e),
+        e => Failure::new(Exit::NoAnswer, e),
+    }
+}
+
+/// Resolves the server and opens the connection.
+async fn connect(
     plan: &cli::Plan,
     clock: Arc<dyn Clock>,
-    out: &mut dyn Write,
-) -> Result<(), Failure> {
+) -> Result<(std::net::SocketAddr, TimeClient), Failure> {
     let server = address::resolve(&plan.server)
         .await
         .map_err(|e| Failure::new(Exit::Usage, e))?;
@@ -74,7 +112,7 @@ pub async fn run(
         stamping: plan.stamping,
         key: plan.key.clone(),
     };
-    let client = TimeClient::connect_with(server, clock.clone(), options)
+    let client = TimeClient::connect_with(server, clock, options)
         .await
         .map_err(|e| {
             Failure::new(
@@ -82,6 +120,22 @@ pub async fn run(
                 anyhow::anyhow!("cannot open a socket toward {server}: {e}"),
             )
         })?;
+    Ok((server, client))
+}
+
+/// Runs one invocation against `clock`, writing results to `out`: one
+/// sync, or with `--watch` a sync every interval until `shutdown`
+/// completes. Errors are returned, not printed.
+pub async fn run(
+    plan: &cli::Plan,
+    clock: Arc<dyn Clock>,
+    out: &mut (dyn Write + Send),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Failure> {
+    let (server, client) = connect(plan, clock.clone()).await?;
+    if let Some(interval) = plan.watch {
+        return watch::run(plan, &client, clock, interval, out, shutdown).await;
+    }
     let report = match client.sync(&plan.options).await {
         Ok(report) => report,
         Err(e) => {
@@ -97,18 +151,18 @@ pub async fn run(
         }
     };
 
-    let mut step_error = None;
-    let action = if plan.set {
-        match clock.step(report.estimate.offset) {
-            Ok(()) => ClockAction::Stepped(report.estimate.offset),
-            Err(e) => {
-                step_error = Some(e);
-                ClockAction::Refused
-            }
+    let offset = report.estimate.offset;
+    let decided = match plan.correction {
+        cli::Correction::None => discipline::Action::None,
+        cli::Correction::Step => discipline::Action::Step(offset),
+        cli::Correction::Slew => {
+            // One sync: the discipline's step-or-slew rule, no frequency.
+            let mut d = discipline::Discipline::new(plan.discipline);
+            d.update(report.local_time(), offset, service::Nanos::ZERO)
+                .action
         }
-    } else {
-        ClockAction::None
     };
+    let (action, error) = apply(&*clock, decided, None);
 
     let rendered = if plan.json {
         report::write_json(out, &report, action)
@@ -122,10 +176,15 @@ pub async fn run(
         )
     })?;
 
-    match step_error {
-        None => Ok(()),
-        Some(e @ ClockError::PermissionDenied { .. }) => Err(Failure::new(Exit::Permission, e)),
-        Some(e) => Err(Failure::new(Exit::NoAnswer, e)),
+    match (error, action) {
+        (Some(e), _) => Err(clock_failure(e)),
+        (None, ClockAction::TooLarge(by)) => Err(Failure::new(
+            Exit::NoAnswer,
+            anyhow::anyhow!(
+                "offset {by:+} is beyond --max-correction; the clock was not changed (add --force to correct it anyway)"
+            ),
+        )),
+        (None, _) => Ok(()),
     }
 }
 

@@ -1,4 +1,5 @@
-//! `fient`: measure the clock against a cerv server; `--set` corrects it.
+//! `fient`: measure the clock against a cerv server; `--set` and `--slew`
+//! correct it, `--watch` keeps at it.
 
 use clap::Parser;
 use client::{Exit, Failure, cli::Args};
@@ -22,8 +23,19 @@ fn main() -> ExitCode {
                 error: anyhow::anyhow!("cannot start the async runtime: {e}"),
             }),
             Ok(runtime) => {
-                let mut stdout = std::io::stdout().lock();
-                match runtime.block_on(client::run(&plan, client::system_clock(), &mut stdout)) {
+                let mut stdout = std::io::stdout();
+                let outcome = runtime.block_on(async {
+                    // Only a watch outlives a moment; a one-shot run keeps
+                    // the default: Ctrl-C stops it at once.
+                    let shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> =
+                        if plan.watch.is_some() {
+                            Box::pin(interrupted())
+                        } else {
+                            Box::pin(std::future::pending())
+                        };
+                    client::run(&plan, client::system_clock(), &mut stdout, shutdown).await
+                });
+                match outcome {
                     Ok(()) => Exit::Synced,
                     Err(failure) => report(failure),
                 }
@@ -31,6 +43,27 @@ fn main() -> ExitCode {
         },
     };
     ExitCode::from(exit as u8)
+}
+
+/// Completes on Ctrl-C or SIGTERM; the handlers are installed at once.
+fn interrupted() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let interrupt = signal(SignalKind::interrupt());
+    let terminate = signal(SignalKind::terminate());
+    async move {
+        let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = wait(interrupt) => {}
+            () = wait(terminate) => {}
+        }
+    }
 }
 
 /// Prints the error once, as `fient: <cause chain>`.

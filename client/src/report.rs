@@ -47,6 +47,37 @@ struct JsonClock {
     action: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     step_ns: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slew_ns: Option<i64>,
+}
+
+/// The `clock` member of the JSON documents.
+fn json_clock(action: ClockAction) -> JsonClock {
+    let (name, step, slew) = match action {
+        ClockAction::None => ("none", None, None),
+        ClockAction::Stepped(by) => ("stepped", Some(by.as_nanos()), None),
+        ClockAction::Slewed(by) => ("slewed", None, Some(by.as_nanos())),
+        ClockAction::TooLarge(_) => ("too_large", None, None),
+        ClockAction::Refused => ("refused", None, None),
+    };
+    JsonClock {
+        action: name,
+        step_ns: step,
+        slew_ns: slew,
+    }
+}
+
+/// How the human report says what was done to the clock.
+pub fn describe_action(action: ClockAction) -> Option<String> {
+    match action {
+        ClockAction::None => None,
+        ClockAction::Stepped(by) => Some(format!("stepped by {by:+#}")),
+        ClockAction::Slewed(by) => Some(format!("slewing by {by:+#}")),
+        ClockAction::TooLarge(by) => {
+            Some(format!("not changed ({by:+} is beyond --max-correction)"))
+        }
+        ClockAction::Refused => Some("not changed".into()),
+    }
 }
 
 /// The `--json` document.
@@ -138,20 +169,7 @@ pub fn write_json(out: &mut dyn Write, report: &SyncReport, action: ClockAction)
             .iter()
             .map(|e| (e.estimator.name(), json_estimate(e)))
             .collect(),
-        clock: match action {
-            ClockAction::None => JsonClock {
-                action: "none",
-                step_ns: None,
-            },
-            ClockAction::Stepped(by) => JsonClock {
-                action: "stepped",
-                step_ns: Some(by.as_nanos()),
-            },
-            ClockAction::Refused => JsonClock {
-                action: "refused",
-                step_ns: None,
-            },
-        },
+        clock: json_clock(action),
     };
     serde_json::to_writer(&mut *out, &doc)?;
     writeln!(out)
@@ -257,10 +275,8 @@ pub fn write_human(
     if !others.is_empty() {
         line(out, "other estimators", others.join(", "))?;
     }
-    match action {
-        ClockAction::None => {}
-        ClockAction::Stepped(by) => line(out, "clock", format!("stepped by {by:+#}"))?,
-        ClockAction::Refused => line(out, "clock", "not changed".into())?,
+    if let Some(what) = describe_action(action) {
+        line(out, "clock", what)?;
     }
     Ok(())
 }

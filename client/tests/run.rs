@@ -37,9 +37,14 @@ async fn set_steps_the_clock_by_the_measured_offset() {
     // This clock is 250 ms behind the server (which runs on the system clock).
     let clock = Arc::new(OffsetClock::new(SystemClock, Nanos::from_millis(-250)));
     let mut out = Vec::new();
-    run(&plan(&[&addr, "--set"]), clock.clone(), &mut out)
-        .await
-        .expect("run");
+    run(
+        &plan(&[&addr, "--set"]),
+        clock.clone(),
+        &mut out,
+        std::future::pending(),
+    )
+    .await
+    .expect("run");
     let text = String::from_utf8(out).unwrap();
     assert!(
         text.lines()
@@ -58,9 +63,14 @@ async fn set_steps_the_clock_by_the_measured_offset() {
 
     // Reporting alone changes nothing.
     let mut out = Vec::new();
-    run(&plan(&[&addr, "--json"]), clock.clone(), &mut out)
-        .await
-        .expect("run");
+    run(
+        &plan(&[&addr, "--json"]),
+        clock.clone(),
+        &mut out,
+        std::future::pending(),
+    )
+    .await
+    .expect("run");
     assert_eq!(clock.adjustments().len(), 1);
     let text = String::from_utf8(out).unwrap();
     assert!(text.contains(r#""clock":{"action":"none"}"#), "{text}");
@@ -72,9 +82,14 @@ async fn a_clock_that_cannot_be_set_is_a_clean_error() {
     // A skewed clock refuses to step: the report is still written.
     let clock: Arc<dyn Clock> = Arc::new(service::SkewedClock::new(SystemClock, Nanos::ZERO));
     let mut out = Vec::new();
-    let failure = run(&plan(&[&addr, "--set", "--json"]), clock, &mut out)
-        .await
-        .unwrap_err();
+    let failure = run(
+        &plan(&[&addr, "--set", "--json"]),
+        clock,
+        &mut out,
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(failure.exit, Exit::NoAnswer);
     assert!(
         failure.error.to_string().contains("cannot step"),

@@ -73,6 +73,12 @@ impl SyncOptions {
     }
 }
 
+/// `d` ± 10 %, at random: the wait between periodic syncs, spread so that
+/// many clients started together do not all ask at once.
+pub fn spread(d: Duration) -> Duration {
+    d.mul_f64(0.9 + 0.2 * rand::random::<f64>())
+}
+
 /// The first retry of the first call, before any round trip is known.
 /// Shorter than most round trips across the internet, so such a path may
 /// see a needless retry or two (harmless: the first answer to any of them

@@ -11,6 +11,12 @@
 //! - [`OffsetClock`] follows another clock plus an offset that steps and
 //!   slews change (and record): a settable clock that still moves, for
 //!   tests that exchange real packets.
+//! - [`SimulatedClock`] follows another clock at a rate off by a chosen
+//!   drift, and takes steps, slews (spread out at 500 ppm, as the kernel
+//!   does) and frequency corrections: the clock the discipline tests drive.
+//! - [`MonotonicClock`] is `CLOCK_MONOTONIC_RAW` placed on the calendar:
+//!   it never jumps and no one else's corrections reach it, which is what
+//!   [`crate::synced::SyncedClock`] measures elapsed time with.
 
 use crate::time::{Nanos, Timestamp};
 use std::fmt;
@@ -41,12 +47,28 @@ pub trait Clock: Send + Sync + fmt::Debug {
         Err(ClockError::Unsupported { op: "step" })
     }
 
-    /// Corrects the clock by `by` gradually, without a jump.
-    fn slew(&self, by: Nanos) -> Result<(), ClockError> {
+    /// Corrects the clock by `by` gradually, without a jump, replacing
+    /// any gradual correction still under way (as `adjtime` does); returns
+    /// the part of that earlier correction that was not yet applied.
+    fn slew(&self, by: Nanos) -> Result<Nanos, ClockError> {
         let _ = by;
         Err(ClockError::Unsupported { op: "slew" })
     }
+
+    /// Sets the clock's frequency correction: positive makes it run faster,
+    /// in parts per billion of its natural rate.
+    fn set_frequency(&self, ppb: i64) -> Result<(), ClockError> {
+        let _ = ppb;
+        Err(ClockError::Unsupported {
+            op: "adjust the frequency of",
+        })
+    }
 }
+
+/// The fastest a slew corrects: 500 ppm, the kernel's rate for `adjtime`.
+pub const SLEW_RATE_PPB: i64 = 500_000;
+/// The largest frequency correction the kernel takes: ±500 ppm.
+pub const MAX_FREQUENCY_PPB: i64 = 500_000;
 
 /// Why a clock could not be changed.
 #[derive(Debug, thiserror::Error)]
@@ -84,8 +106,11 @@ impl<C: Clock + ?Sized> Clock for std::sync::Arc<C> {
     fn step(&self, by: Nanos) -> Result<(), ClockError> {
         (**self).step(by)
     }
-    fn slew(&self, by: Nanos) -> Result<(), ClockError> {
+    fn slew(&self, by: Nanos) -> Result<Nanos, ClockError> {
         (**self).slew(by)
+    }
+    fn set_frequency(&self, ppb: i64) -> Result<(), ClockError> {
+        (**self).set_frequency(ppb)
     }
 }
 
@@ -99,8 +124,11 @@ impl<C: Clock + ?Sized> Clock for &C {
     fn step(&self, by: Nanos) -> Result<(), ClockError> {
         (**self).step(by)
     }
-    fn slew(&self, by: Nanos) -> Result<(), ClockError> {
+    fn slew(&self, by: Nanos) -> Result<Nanos, ClockError> {
         (**self).slew(by)
+    }
+    fn set_frequency(&self, ppb: i64) -> Result<(), ClockError> {
+        (**self).set_frequency(ppb)
     }
 }
 
@@ -124,12 +152,60 @@ impl Clock for SystemClock {
     fn step(&self, by: Nanos) -> Result<(), ClockError> {
         sys::step_realtime(by)
     }
+
+    /// Slews `CLOCK_REALTIME` with `adjtimex(ADJ_OFFSET_SINGLESHOT)`, the
+    /// call behind `adjtime`: at most ±0.5 s, applied at 500 ppm, replacing
+    /// what was under way.
+    fn slew(&self, by: Nanos) -> Result<Nanos, ClockError> {
+        sys::slew_realtime(by)
+    }
+
+    /// Sets the kernel's frequency correction (`adjtimex(ADJ_FREQUENCY)`),
+    /// within ±500 ppm.
+    fn set_frequency(&self, ppb: i64) -> Result<(), ClockError> {
+        sys::set_frequency(ppb)
+    }
 }
 
 #[cfg(target_os = "linux")]
 mod sys {
-    use super::ClockError;
+    use super::{ClockError, MAX_FREQUENCY_PPB};
     use crate::time::Nanos;
+
+    fn adjtimex(op: &'static str, tx: &mut libc::timex) -> Result<(), ClockError> {
+        // SAFETY: `tx` is a valid, initialised timex that outlives the call.
+        let rc = unsafe { libc::adjtimex(tx) };
+        if rc == -1 {
+            let err = std::io::Error::last_os_error();
+            return Err(match err.raw_os_error() {
+                Some(libc::EPERM) | Some(libc::EACCES) => ClockError::PermissionDenied { op },
+                _ => ClockError::Os { op, source: err },
+            });
+        }
+        Ok(())
+    }
+
+    pub fn slew_realtime(by: Nanos) -> Result<Nanos, ClockError> {
+        // Microseconds, within the half second adjtime is made for.
+        let micros = (by.as_nanos() / 1_000).clamp(-500_000, 500_000);
+        // SAFETY: `timex` is plain data; zeroed is a valid value.
+        let mut tx: libc::timex = unsafe { std::mem::zeroed() };
+        tx.modes = libc::ADJ_OFFSET_SINGLESHOT;
+        tx.offset = micros as libc::c_long;
+        adjtimex("slew", &mut tx)?;
+        // The kernel hands back what was left of the previous adjustment.
+        Ok(Nanos::from_micros(tx.offset as i64))
+    }
+
+    pub fn set_frequency(ppb: i64) -> Result<(), ClockError> {
+        let ppb = ppb.clamp(-MAX_FREQUENCY_PPB, MAX_FREQUENCY_PPB);
+        // SAFETY: `timex` is plain data; zeroed is a valid value.
+        let mut tx: libc::timex = unsafe { std::mem::zeroed() };
+        tx.modes = libc::ADJ_FREQUENCY;
+        // The kernel takes ppm with a 16-bit binary fraction.
+        tx.freq = (ppb * 65_536 / 1_000) as libc::c_long;
+        adjtimex("adjust the frequency of", &mut tx)
+    }
 
     pub fn step_realtime(by: Nanos) -> Result<(), ClockError> {
         let nanos = by.as_nanos();
@@ -167,6 +243,14 @@ mod sys {
 
     pub fn step_realtime(_by: Nanos) -> Result<(), ClockError> {
         Err(ClockError::Unsupported { op: "step" })
+    }
+    pub fn slew_realtime(_by: Nanos) -> Result<Nanos, ClockError> {
+        Err(ClockError::Unsupported { op: "slew" })
+    }
+    pub fn set_frequency(_ppb: i64) -> Result<(), ClockError> {
+        Err(ClockError::Unsupported {
+            op: "adjust the frequency of",
+        })
     }
 }
 
@@ -219,6 +303,8 @@ pub enum Adjustment {
     Step(Nanos),
     /// A gradual correction by this much.
     Slew(Nanos),
+    /// A frequency correction of this many parts per billion.
+    Frequency(i64),
 }
 
 impl ManualClock {
@@ -259,9 +345,13 @@ impl Clock for ManualClock {
         self.advance(by);
         Ok(())
     }
-    fn slew(&self, by: Nanos) -> Result<(), ClockError> {
+    fn slew(&self, by: Nanos) -> Result<Nanos, ClockError> {
         self.record(Adjustment::Slew(by));
         self.advance(by);
+        Ok(Nanos::ZERO)
+    }
+    fn set_frequency(&self, ppb: i64) -> Result<(), ClockError> {
+        self.record(Adjustment::Frequency(ppb));
         Ok(())
     }
 }
@@ -315,9 +405,176 @@ impl<C: Clock> Clock for OffsetClock<C> {
         self.adjust(Adjustment::Step(by), by);
         Ok(())
     }
-    fn slew(&self, by: Nanos) -> Result<(), ClockError> {
+    fn slew(&self, by: Nanos) -> Result<Nanos, ClockError> {
         self.adjust(Adjustment::Slew(by), by);
+        Ok(Nanos::ZERO)
+    }
+    fn set_frequency(&self, ppb: i64) -> Result<(), ClockError> {
+        lock(&self.adjustments).push(Adjustment::Frequency(ppb));
         Ok(())
+    }
+}
+
+/// A clock that follows another (the reference) at a rate off by a natural
+/// drift, and that steps, slews and frequency corrections act on the way
+/// the kernel's do: a step at once, a slew spread out at
+/// [`SLEW_RATE_PPB`] and replaced by the next, a frequency correction
+/// from now on. For tests of clock discipline: the reference is the truth,
+/// and [`SimulatedClock::error`] says how far this clock is from it.
+#[derive(Debug)]
+pub struct SimulatedClock<C> {
+    reference: C,
+    state: Mutex<Simulation>,
+}
+
+#[derive(Debug, Clone)]
+struct Simulation {
+    /// The reference's reading when the state below was last brought up
+    /// to date.
+    at: Timestamp,
+    /// This clock's reading then.
+    reads: Timestamp,
+    /// How much faster than the reference the clock runs by nature, ppb.
+    drift_ppb: i64,
+    /// The frequency correction in force, ppb.
+    frequency_ppb: i64,
+    /// What is left of the slew under way.
+    slewing: i64,
+    adjustments: Vec<Adjustment>,
+}
+
+impl Simulation {
+    /// The state `elapsed` nanoseconds of reference time later.
+    fn advanced(&self, elapsed: i64) -> Simulation {
+        let elapsed = elapsed.max(0);
+        let rate = i128::from(self.drift_ppb + self.frequency_ppb);
+        let drifted = i128::from(elapsed) * rate / 1_000_000_000;
+        let slew_room = i128::from(elapsed) * i128::from(SLEW_RATE_PPB) / 1_000_000_000;
+        let slewed = i128::from(self.slewing).clamp(-slew_room, slew_room);
+        let mut next = self.clone();
+        next.at = self.at.saturating_add(Nanos::from_nanos(elapsed));
+        next.reads = self.reads.saturating_add(Nanos::from_nanos(
+            (i128::from(elapsed) + drifted + slewed) as i64,
+        ));
+        next.slewing = self.slewing - slewed as i64;
+        next
+    }
+}
+
+impl<C: Clock> SimulatedClock<C> {
+    /// A clock reading `offset` ahead of `reference` and running
+    /// `drift_ppb` parts per billion fast (slow, if negative).
+    pub fn new(reference: C, offset: Nanos, drift_ppb: i64) -> Self {
+        let at = reference.now();
+        SimulatedClock {
+            state: Mutex::new(Simulation {
+                at,
+                reads: at.saturating_add(offset),
+                drift_ppb,
+                frequency_ppb: 0,
+                slewing: 0,
+                adjustments: Vec::new(),
+            }),
+            reference,
+        }
+    }
+
+    /// The state as of the reference's reading now, saved.
+    fn current(&self) -> std::sync::MutexGuard<'_, Simulation> {
+        let now = self.reference.now();
+        let mut state = lock(&self.state);
+        let elapsed = now.diff_i128(state.at).clamp(0, i128::from(i64::MAX)) as i64;
+        *state = state.advanced(elapsed);
+        state
+    }
+
+    /// This clock minus the reference, now: the error a discipline should
+    /// drive to zero.
+    pub fn error(&self) -> Nanos {
+        let state = self.current();
+        Nanos::from_nanos(state.reads.diff_i128(state.at) as i64)
+    }
+
+    /// How fast this clock runs against the reference now, with the
+    /// correction in force, in ppb.
+    pub fn rate_error_ppb(&self) -> i64 {
+        let state = self.current();
+        state.drift_ppb + state.frequency_ppb
+    }
+
+    /// The frequency correction in force, ppb.
+    pub fn frequency_ppb(&self) -> i64 {
+        self.current().frequency_ppb
+    }
+
+    /// Every correction asked of this clock, oldest first.
+    pub fn adjustments(&self) -> Vec<Adjustment> {
+        self.current().adjustments.clone()
+    }
+}
+
+impl<C: Clock> Clock for SimulatedClock<C> {
+    fn now(&self) -> Timestamp {
+        self.current().reads
+    }
+    fn step(&self, by: Nanos) -> Result<(), ClockError> {
+        let mut state = self.current();
+        state.reads = state.reads.saturating_add(by);
+        state.adjustments.push(Adjustment::Step(by));
+        Ok(())
+    }
+    fn slew(&self, by: Nanos) -> Result<Nanos, ClockError> {
+        let mut state = self.current();
+        let left = Nanos::from_nanos(state.slewing);
+        state.slewing = by.as_nanos();
+        state.adjustments.push(Adjustment::Slew(by));
+        Ok(left)
+    }
+    fn set_frequency(&self, ppb: i64) -> Result<(), ClockError> {
+        let mut state = self.current();
+        state.frequency_ppb = ppb.clamp(-MAX_FREQUENCY_PPB, MAX_FREQUENCY_PPB);
+        state.adjustments.push(Adjustment::Frequency(ppb));
+        Ok(())
+    }
+}
+
+/// `CLOCK_MONOTONIC_RAW`, placed on the calendar where the system clock
+/// was when this value was made. It never jumps, and neither steps, slews
+/// nor frequency corrections of the system clock reach it: its only error
+/// is the hardware's own drift. It cannot be set.
+#[derive(Debug, Clone, Copy)]
+pub struct MonotonicClock {
+    /// Calendar time minus raw monotonic time, at creation.
+    base: i128,
+}
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MonotonicClock {
+    /// Reads both clocks once to place the monotonic one on the calendar.
+    pub fn new() -> Self {
+        let raw = Self::raw();
+        let real = SystemClock.now().as_nanos() as i128;
+        MonotonicClock { base: real - raw }
+    }
+
+    fn raw() -> i128 {
+        // SAFETY: a zeroed timespec is valid, and clock_gettime only writes
+        // into it.
+        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+        // SAFETY: valid clock id and pointer.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_RAW, &mut ts) };
+        i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+    }
+}
+
+impl Clock for MonotonicClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_nanos((self.base + Self::raw()).clamp(0, i128::from(i64::MAX)) as i64)
     }
 }
 
@@ -367,6 +624,53 @@ mod tests {
             c.adjustments(),
             vec![Adjustment::Step(Nanos::from_secs(10))]
         );
+    }
+
+    #[test]
+    fn simulated_clock_drifts_steps_and_slews() {
+        let truth = std::sync::Arc::new(ManualClock::new(Timestamp::from_nanos(1_000_000_000_000)));
+        let sim = SimulatedClock::new(truth.clone(), Nanos::from_millis(2), 100_000); // +100 ppm
+        assert_eq!(sim.error(), Nanos::from_millis(2));
+        truth.advance(Nanos::from_secs(10)); // 100 ppm over 10 s: +1 ms
+        assert_eq!(sim.error(), Nanos::from_millis(3));
+        sim.step(Nanos::from_millis(-3)).unwrap();
+        assert_eq!(sim.error(), Nanos::ZERO);
+        // Cancel the drift, then slew 1 ms: 500 ppm takes 2 s.
+        sim.set_frequency(-100_000).unwrap();
+        assert_eq!(sim.slew(Nanos::from_millis(1)).unwrap(), Nanos::ZERO);
+        truth.advance(Nanos::from_secs(1));
+        assert_eq!(sim.error(), Nanos::from_micros(500));
+        // A new slew replaces the rest of the old one, and says what was left.
+        assert_eq!(
+            sim.slew(Nanos::from_micros(-200)).unwrap(),
+            Nanos::from_micros(500)
+        );
+        truth.advance(Nanos::from_secs(10));
+        assert_eq!(sim.error(), Nanos::from_micros(300));
+        assert_eq!(sim.rate_error_ppb(), 0);
+        assert_eq!(
+            sim.adjustments(),
+            vec![
+                Adjustment::Step(Nanos::from_millis(-3)),
+                Adjustment::Frequency(-100_000),
+                Adjustment::Slew(Nanos::from_millis(1)),
+                Adjustment::Slew(Nanos::from_micros(-200)),
+            ]
+        );
+    }
+
+    #[test]
+    fn monotonic_clock_sits_on_the_calendar_and_moves() {
+        let mono = MonotonicClock::new();
+        let a = mono.now();
+        let gap = SystemClock.now().diff_i128(a).abs();
+        assert!(gap < 50_000_000, "{gap} ns from the system clock");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert!(mono.now().diff_i128(a) >= 2_000_000);
+        assert!(matches!(
+            mono.step(Nanos::ZERO),
+            Err(ClockError::Unsupported { .. })
+        ));
     }
 
     #[test]

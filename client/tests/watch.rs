@@ -1,0 +1,169 @@
+//! `--watch` against an in-process server, with a simulated clock standing
+//! in for the system clock: the discipline must converge, and the watch
+//! must ride out a server that goes away.
+
+use clap::Parser;
+use client::cli::Args;
+use server::{Config, Server};
+use service::clock::{Adjustment, SimulatedClock, SystemClock};
+use service::time::Nanos;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+async fn serve(
+    listen: SocketAddr,
+) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let server = Server::bind(Config {
+        listen,
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        server
+            .run(async {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    (addr, tx, task)
+}
+
+fn plan(args: &[&str]) -> client::cli::Plan {
+    let mut argv = vec!["fient"];
+    argv.extend_from_slice(args);
+    Args::try_parse_from(argv).unwrap().plan().unwrap()
+}
+
+fn lines(out: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slewing_converges_a_drifting_clock_without_a_step() {
+    let (addr, _stop, _task) = serve("127.0.0.1:0".parse().unwrap()).await;
+    // 400 µs ahead and 150 ppm fast.
+    let clock = Arc::new(SimulatedClock::new(
+        SystemClock,
+        Nanos::from_micros(400),
+        150_000,
+    ));
+    let mut out = Vec::new();
+    let p = plan(&[
+        &addr.to_string(),
+        "--watch",
+        "100ms",
+        "--count",
+        "40",
+        "--slew",
+        "--json",
+    ]);
+    client::run(&p, clock.clone(), &mut out, std::future::pending())
+        .await
+        .expect("watch");
+    let lines = lines(&out);
+    assert_eq!(lines.len(), 40);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["status"] == "synced" && l["action"] == "slewed"),
+        "{lines:?}"
+    );
+    assert!(
+        clock
+            .adjustments()
+            .iter()
+            .all(|a| !matches!(a, Adjustment::Step(_)))
+    );
+    // The clock ends within 20 µs of the server, its rate within 5 ppm.
+    assert!(
+        clock.error().abs() < Nanos::from_micros(20),
+        "{}",
+        clock.error()
+    );
+    assert!(
+        clock.rate_error_ppb().abs() < 5_000,
+        "{} ppb",
+        clock.rate_error_ppb()
+    );
+    let drift = lines.last().unwrap()["drift_ppm"].as_f64().unwrap();
+    assert!((drift - 150.0).abs() < 5.0, "{drift}");
+    // Converged: the offset stays within 20 µs from some sync on.
+    let settled = lines
+        .iter()
+        .rposition(|l| l["offset_ns"].as_i64().unwrap().abs() > 20_000)
+        .map_or(0, |i| i + 1);
+    eprintln!(
+        "converged after {settled} syncs of 100 ms; final error {}, rate error {} ppb, drift estimate {drift} ppm",
+        clock.error(),
+        clock.rate_error_ppb()
+    );
+    assert!(settled < 30, "not settled: {lines:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reporting_only_measures_the_drift_and_rides_out_an_absent_server() {
+    let (addr, stop, task) = serve("127.0.0.1:0".parse().unwrap()).await;
+    let clock = Arc::new(SimulatedClock::new(
+        SystemClock,
+        Nanos::from_millis(-2),
+        -80_000,
+    ));
+    let p = plan(&[
+        &addr.to_string(),
+        "--watch",
+        "50ms",
+        "--count",
+        "30",
+        "--json",
+        "--timeout",
+        "50ms",
+    ]);
+    let watcher = {
+        let clock = clock.clone();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            client::run(&p, clock, &mut out, std::future::pending())
+                .await
+                .map(|()| out)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let _ = stop.send(());
+    let _ = task.await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, _stop, _task) = serve(addr).await;
+    let out = watcher.await.unwrap().expect("watch");
+    let lines = lines(&out);
+    assert_eq!(lines.len(), 30);
+    assert!(
+        clock.adjustments().is_empty(),
+        "reporting must not touch the clock"
+    );
+    let statuses: Vec<&str> = lines
+        .iter()
+        .map(|l| l["status"].as_str().unwrap())
+        .collect();
+    let first_miss = statuses
+        .iter()
+        .position(|s| *s == "no_answer")
+        .expect("a miss");
+    let back = statuses.iter().rposition(|s| *s == "no_answer").unwrap() + 1;
+    assert!(first_miss > 3 && back < 30, "{statuses:?}");
+    // The wait grows while the server is away.
+    let waits: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| l["next_try_ms"].as_u64())
+        .collect();
+    assert!(waits.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
+    // After it, the drift is measured again.
+    let drift = lines.last().unwrap()["drift_ppm"].as_f64().unwrap();
+    assert!((drift + 80.0).abs() < 5.0, "{drift}");
+}

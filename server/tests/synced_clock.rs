@@ -1,0 +1,133 @@
+//! SyncedClock against a real server: the interval must hold the server's
+//! true time while the local clock drifts and while the server is away.
+
+use server::{Config, Server};
+use service::client::SyncOptions;
+use service::clock::{Clock, SimulatedClock, SystemClock};
+use service::synced::{Status, SyncedClock, SyncedClockConfig};
+use service::time::{Nanos, Timestamp};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+const SKEW_MS: i64 = 30;
+
+async fn serve(
+    listen: SocketAddr,
+) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let server = Server::bind(Config {
+        listen,
+        offset: Nanos::from_millis(SKEW_MS),
+        ..Config::default()
+    })
+    .await
+    .expect("bind");
+    let addr = server.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        server
+            .run(async {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    (addr, tx, task)
+}
+
+/// The server's true time: the system clock plus the skew.
+fn truth() -> Timestamp {
+    SystemClock
+        .now()
+        .saturating_add(Nanos::from_millis(SKEW_MS))
+}
+
+/// Checks, for `span`, that every answer holds the truth; returns the
+/// widest interval seen and the statuses met.
+async fn watch(synced: &SyncedClock, span: Duration) -> (Nanos, Vec<Status>) {
+    let deadline = tokio::time::Instant::now() + span;
+    let mut widest = Nanos::ZERO;
+    let mut statuses = Vec::new();
+    while tokio::time::Instant::now() < deadline {
+        let before = truth();
+        let now = synced.now();
+        let after = truth();
+        // The truth at the moment of the call lies between the readings.
+        assert!(
+            now.earliest <= after && before <= now.latest,
+            "truth [{before}, {after}] outside [{}, {}] ({:?})",
+            now.earliest,
+            now.latest,
+            now.status
+        );
+        assert!(
+            synced.after(before.saturating_add(-Nanos::from_millis(50)))
+                || now.width() > Nanos::from_millis(50)
+        );
+        assert!(!synced.after(after.saturating_add(now.width())));
+        widest = widest.max(now.width());
+        if statuses.last() != Some(&now.status) {
+            statuses.push(now.status);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (widest, statuses)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_interval_holds_the_truth_while_drifting_and_while_the_server_is_away() {
+    let (addr, stop, task) = serve("127.0.0.1:0".parse().unwrap()).await;
+    // 7 ms behind and 40 ppm fast: within the 50 ppm the clock assumes.
+    let local = Arc::new(SimulatedClock::new(
+        SystemClock,
+        Nanos::from_millis(-7),
+        40_000,
+    ));
+    let config = SyncedClockConfig {
+        interval: Duration::from_millis(100),
+        stale_after: Duration::from_millis(400),
+        sync: SyncOptions {
+            timeout: Duration::from_millis(100),
+            ..SyncOptions::default()
+        },
+        ..SyncedClockConfig::default()
+    };
+    let synced = SyncedClock::start_with_clock(addr, local, config)
+        .await
+        .unwrap();
+    assert_eq!(synced.status(), Status::Unsynchronized);
+    assert!(!synced.after(Timestamp::from_nanos(i64::MIN + 1)));
+    assert!(!synced.before(Timestamp::from_nanos(i64::MAX)));
+    assert!(synced.wait_synchronized(Duration::from_secs(3)).await);
+
+    let (synced_width, statuses) = watch(&synced, Duration::from_millis(1500)).await;
+    assert_eq!(statuses, [Status::Synchronized]);
+    assert!(synced_width < Nanos::from_millis(2), "{synced_width}");
+
+    // The server goes away: answers go stale and widen, and stay honest.
+    let _ = stop.send(());
+    let _ = task.await;
+    let (away_width, statuses) = watch(&synced, Duration::from_millis(1500)).await;
+    assert_eq!(statuses, [Status::Synchronized, Status::Stale]);
+    assert!(away_width > synced_width);
+    assert!(synced.last_error().is_some());
+
+    // It comes back on the same address: synchronized again, narrow again.
+    let (_, stop, task) = serve(addr).await;
+    let mut back = false;
+    for _ in 0..600 {
+        if synced.status() == Status::Synchronized {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(back, "never resynchronized: {:?}", synced.last_error());
+    let (width, _) = watch(&synced, Duration::from_millis(300)).await;
+    assert!(width < away_width);
+    eprintln!(
+        "widest interval: {synced_width} synchronized, {away_width} after 1.5 s away, {width} back"
+    );
+    let _ = stop.send(());
+    let _ = task.await;
+}

@@ -1,0 +1,376 @@
+//! Keeping a clock right over time: what to do with each new offset. Pure:
+//! the caller measures, asks, and applies the answer through the
+//! [`crate::clock::Clock`] trait.
+//!
+//! Each sync measures θ, the server's clock minus ours. The discipline
+//! answers with one of:
+//!
+//! - **step** when |θ| is above the step threshold (chrony's `makestep`),
+//! - **slew** otherwise: the clock is corrected gradually, replacing any
+//!   slew still under way,
+//! - **refuse** when |θ| is above the panic limit (ntpd's `panic`): such a
+//!   jump is more likely a broken server than a broken clock, and a human
+//!   should decide (`--force`).
+//!
+//! and, once it has seen enough, a **frequency** correction: the clock's
+//! own rate error, estimated from how θ moves between syncs once the
+//! corrections already applied are added back. With the frequency right,
+//! θ stops growing between syncs and the slews only mop up noise.
+//!
+//! The estimate is a least-squares line through the last few "natural"
+//! offsets (θ plus every correction applied so far: what θ would be had we
+//! never touched the clock); its slope is the clock's rate error. All of it
+//! in integer nanoseconds and parts per billion.
+
+use crate::time::{Nanos, Timestamp};
+use std::collections::VecDeque;
+
+/// How the discipline behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DisciplineConfig {
+    /// Correct the clock (`--slew`); if false, only report.
+    pub correct: bool,
+    /// Offsets above this are stepped, below it slewed (chrony's makestep:
+    /// 0.1 s).
+    pub step_threshold: Nanos,
+    /// Offsets above this are refused unless `force`; `None` for no limit.
+    pub max_correction: Option<Nanos>,
+    /// Apply corrections above `max_correction` anyway.
+    pub force: bool,
+    /// Syncs the frequency estimate looks back over.
+    pub window: usize,
+}
+
+impl Default for DisciplineConfig {
+    fn default() -> Self {
+        DisciplineConfig {
+            correct: false,
+            step_threshold: Nanos::from_millis(100),
+            max_correction: Some(Nanos::from_secs(1000)),
+            force: false,
+            window: 8,
+        }
+    }
+}
+
+/// What to do about one offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing (reporting only).
+    None,
+    /// Step the clock by this much.
+    Step(Nanos),
+    /// Slew the clock by this much, replacing any slew under way.
+    Slew(Nanos),
+    /// Too large to correct without being told to.
+    Refuse(Nanos),
+}
+
+/// The discipline's answer to one sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Update {
+    /// The phase correction.
+    pub action: Action,
+    /// A new frequency correction to set, in ppb (positive: faster).
+    pub set_frequency_ppb: Option<i64>,
+    /// How fast the clock runs by itself against the server, in ppb
+    /// (positive: fast), once at least three syncs are in.
+    pub drift_ppb: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Point {
+    at: i128,
+    natural: i128,
+}
+
+/// The state carried from sync to sync.
+#[derive(Clone, Debug)]
+pub struct Discipline {
+    config: DisciplineConfig,
+    points: VecDeque<Point>,
+    /// Phase corrections that have taken effect (steps, and the applied
+    /// part of slews), in ns.
+    applied: i128,
+    /// The slew last asked for, in ns.
+    slew_asked: i64,
+    /// The frequency correction in force, ppb, and since when (local ns).
+    frequency_ppb: i64,
+    frequency_since: Option<i128>,
+    /// ∫ frequency dt up to `frequency_since`, in ns.
+    frequency_applied: i128,
+}
+
+/// The largest frequency correction set: ±500 ppm, the kernel's limit.
+const MAX_PPB: i64 = crate::clock::MAX_FREQUENCY_PPB;
+
+impl Discipline {
+    /// A discipline with nothing seen yet.
+    pub fn new(config: DisciplineConfig) -> Self {
+        Discipline {
+            config,
+            points: VecDeque::with_capacity(config.window + 1),
+            applied: 0,
+            slew_asked: 0,
+            frequency_ppb: 0,
+            frequency_since: None,
+            frequency_applied: 0,
+        }
+    }
+
+    /// The frequency correction in force, ppb.
+    pub fn frequency_ppb(&self) -> i64 {
+        self.frequency_ppb
+    }
+
+    /// ∫ frequency dt from the start to local time `at`, in ns.
+    fn frequency_effect(&self, at: i128) -> i128 {
+        let since = self.frequency_since.unwrap_or(at);
+        self.frequency_applied
+            + (at - since).max(0) * i128::from(self.frequency_ppb) / 1_000_000_000
+    }
+
+    /// Takes the offset θ measured at local time `at` (server minus
+    /// local) and `slew_left`, what remains now of the slew asked for last
+    /// time: cancel it just before calling (`clock.slew(Nanos::ZERO)`
+    /// returns it), so that what took effect is known exactly. Zero when
+    /// reporting only. Returns what to do now.
+    pub fn update(&mut self, at: Timestamp, offset: Nanos, slew_left: Nanos) -> Update {
+        let at_ns = i128::from(at.as_nanos());
+        // The previous slew took effect except for what is left of it.
+        self.applied += i128::from(self.slew_asked - slew_left.as_nanos());
+        self.slew_asked = 0;
+        let natural = i128::from(offset.as_nanos()) + self.applied + self.frequency_effect(at_ns);
+        self.points.push_back(Point { at: at_ns, natural });
+        while self.points.len() > self.config.window.max(2) {
+            self.points.pop_front();
+        }
+        // The natural offset falls as fast as the clock gains: its slope is
+        // minus the drift.
+        let drift_ppb = self.slope_ppb().map(|slope| -slope);
+
+        if !self.config.correct {
+            return Update {
+                action: Action::None,
+                set_frequency_ppb: None,
+                drift_ppb,
+            };
+        }
+        let magnitude = offset.abs();
+        let action = match self.config.max_correction {
+            Some(limit) if magnitude > limit && !self.config.force => Action::Refuse(offset),
+            _ if magnitude > self.config.step_threshold => Action::Step(offset),
+            _ => Action::Slew(offset),
+        };
+        match action {
+            Action::Step(by) => self.applied += i128::from(by.as_nanos()),
+            Action::Slew(by) => self.slew_asked = by.as_nanos(),
+            Action::None | Action::Refuse(_) => {}
+        }
+        // Cancel the drift: run the clock as much slower as it runs fast.
+        let set_frequency_ppb = drift_ppb.map(|drift| (-drift).clamp(-MAX_PPB, MAX_PPB));
+        if let Some(ppb) = set_frequency_ppb {
+            self.frequency_applied = self.frequency_effect(at_ns);
+            self.frequency_since = Some(at_ns);
+            self.frequency_ppb = ppb;
+        }
+        Update {
+            action,
+            set_frequency_ppb,
+            drift_ppb,
+        }
+    }
+
+    /// The least-squares slope of the natural offsets, in ppb, from at
+    /// least three syncs spread over at least a millisecond.
+    fn slope_ppb(&self) -> Option<i64> {
+        let n = self.points.len() as i128;
+        if n < 3 {
+            return None;
+        }
+        let mean_t = self.points.iter().map(|p| p.at).sum::<i128>() / n;
+        let mean_v = self.points.iter().map(|p| p.natural).sum::<i128>() / n;
+        let (mut sxy, mut sxx) = (0i128, 0i128);
+        for p in &self.points {
+            let dt = p.at - mean_t;
+            sxy += dt * (p.natural - mean_v);
+            sxx += dt * dt;
+        }
+        let span = self.points.back()?.at - self.points.front()?.at;
+        if span < 1_000_000 || sxx == 0 {
+            return None;
+        }
+        let ppb = sxy.checked_mul(1_000_000_000)? / sxx;
+        i64::try_from(ppb).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Adjustment, Clock, ManualClock, SimulatedClock};
+    use rand::{RngExt, SeedableRng};
+    use std::sync::Arc;
+
+    const S: i64 = 1_000_000_000;
+
+    /// Runs a discipline against a simulated clock for `syncs` syncs every
+    /// `interval` seconds of true time, measuring θ with up to `noise` ns of
+    /// error. Returns the clock and the updates.
+    fn run(
+        config: DisciplineConfig,
+        offset: Nanos,
+        drift_ppb: i64,
+        interval: i64,
+        syncs: usize,
+        noise: i64,
+    ) -> (SimulatedClock<Arc<ManualClock>>, Vec<Update>) {
+        let truth = Arc::new(ManualClock::new(Timestamp::from_nanos(1_800_000_000 * S)));
+        let clock = SimulatedClock::new(truth.clone(), offset, drift_ppb);
+        let mut discipline = Discipline::new(config);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut updates = Vec::new();
+        for _ in 0..syncs {
+            let error = if noise > 0 {
+                rng.random_range(-noise..=noise)
+            } else {
+                0
+            };
+            let measured = Nanos::from_nanos(-clock.error().as_nanos() + error);
+            let slew_left = if config.correct {
+                clock.slew(Nanos::ZERO).unwrap()
+            } else {
+                Nanos::ZERO
+            };
+            let u = discipline.update(clock.now(), measured, slew_left);
+            match u.action {
+                Action::Step(by) => clock.step(by).unwrap(),
+                Action::Slew(by) => assert_eq!(clock.slew(by).unwrap(), Nanos::ZERO),
+                Action::None | Action::Refuse(_) => {}
+            }
+            if let Some(ppb) = u.set_frequency_ppb {
+                clock.set_frequency(ppb).unwrap();
+            }
+            updates.push(u);
+            truth.advance(Nanos::from_nanos(interval * S));
+        }
+        (clock, updates)
+    }
+
+    fn slewing() -> DisciplineConfig {
+        DisciplineConfig {
+            correct: true,
+            ..DisciplineConfig::default()
+        }
+    }
+
+    #[test]
+    fn reporting_only_never_touches_the_clock_and_measures_the_drift() {
+        let (clock, updates) = run(
+            DisciplineConfig::default(),
+            Nanos::from_millis(3),
+            40_000,
+            2,
+            12,
+            0,
+        );
+        assert!(clock.adjustments().is_empty());
+        assert!(
+            updates
+                .iter()
+                .all(|u| u.action == Action::None && u.set_frequency_ppb.is_none())
+        );
+        assert_eq!(updates[1].drift_ppb, None);
+        // Exact but for the clock's own rate error in measuring the interval.
+        let drift = updates.last().unwrap().drift_ppb.unwrap();
+        assert!((drift - 40_000).abs() <= 5, "{drift}");
+    }
+
+    #[test]
+    fn a_drifting_clock_converges_without_a_step() {
+        // 2 ms off and 50 ppm fast, measured to ±2 µs, a sync every 2 s.
+        let (clock, updates) = run(slewing(), Nanos::from_millis(2), 50_000, 2, 40, 2_000);
+        assert!(
+            clock
+                .adjustments()
+                .iter()
+                .all(|a| !matches!(a, Adjustment::Step(_)))
+        );
+        // Within 10 µs of the truth, and the frequency within 2 ppm.
+        assert!(
+            clock.error().abs() < Nanos::from_micros(10),
+            "{}",
+            clock.error()
+        );
+        assert!(
+            clock.rate_error_ppb().abs() < 2_000,
+            "{}",
+            clock.rate_error_ppb()
+        );
+        let drift = updates.last().unwrap().drift_ppb.unwrap();
+        assert!((drift - 50_000).abs() < 2_000, "{drift}");
+    }
+
+    #[test]
+    fn convergence_is_fast() {
+        // Noise-free: how many syncs until within 1 µs and 0.5 ppm?
+        let (clock, updates) = run(slewing(), Nanos::from_micros(800), -120_000, 1, 12, 0);
+        assert!(
+            clock.error().abs() < Nanos::from_micros(1),
+            "{}",
+            clock.error()
+        );
+        assert!(
+            clock.rate_error_ppb().abs() < 500,
+            "{}",
+            clock.rate_error_ppb()
+        );
+        let first = updates[2].set_frequency_ppb.unwrap();
+        assert!((first - 120_000).abs() <= 100, "{first}");
+    }
+
+    #[test]
+    fn large_offsets_are_stepped_and_huge_ones_refused() {
+        let (clock, updates) = run(slewing(), Nanos::from_millis(-250), 0, 2, 3, 0);
+        assert_eq!(updates[0].action, Action::Step(Nanos::from_millis(250)));
+        assert!(matches!(updates[1].action, Action::Slew(_)));
+        assert!(clock.error().abs() < Nanos::from_micros(1));
+
+        let huge = Nanos::from_secs(-2000);
+        let (clock, updates) = run(slewing(), huge, 0, 2, 2, 0);
+        assert_eq!(updates[0].action, Action::Refuse(Nanos::from_secs(2000)));
+        assert_eq!(clock.error(), huge);
+        let forced = DisciplineConfig {
+            force: true,
+            ..slewing()
+        };
+        let (clock, _) = run(forced, huge, 0, 2, 2, 0);
+        assert_eq!(clock.error(), Nanos::ZERO);
+    }
+
+    #[test]
+    fn a_slew_still_under_way_is_accounted_for() {
+        // 50 ms takes 100 s at 500 ppm: many syncs see it half done. The
+        // drift estimate must not mistake the slewing for drift.
+        let (clock, updates) = run(slewing(), Nanos::from_millis(50), 20_000, 2, 60, 0);
+        assert!(
+            clock
+                .adjustments()
+                .iter()
+                .all(|a| !matches!(a, Adjustment::Step(_)))
+        );
+        let drift = updates.last().unwrap().drift_ppb.unwrap();
+        assert!((drift - 20_000).abs() < 200, "{drift}");
+        assert!(
+            clock.error().abs() < Nanos::from_micros(20),
+            "{}",
+            clock.error()
+        );
+    }
+
+    #[test]
+    fn the_frequency_correction_is_bounded() {
+        let (clock, _) = run(slewing(), Nanos::ZERO, 900_000, 1, 6, 0);
+        assert_eq!(clock.frequency_ppb(), -MAX_PPB);
+    }
+}
