@@ -281,28 +281,26 @@ impl Drop for EchoServer {
     }
 }
 
-/// Peak resident memory of a process, from `/proc/PID/status` (`VmHWM`).
-pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+/// A memory figure of a process from `/proc/PID/status`, in KiB.
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
         .ok()
 }
 
-/// Current resident memory of a process (`VmRSS`).
+/// Peak resident memory of a process (`VmHWM`), KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmHWM:")
+}
+
+/// Current resident memory of a process (`VmRSS`), KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    status_kib(pid, "VmRSS:")
 }
 
 /// Sends one probe from each of `count` distinct source addresses

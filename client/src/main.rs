@@ -29,7 +29,9 @@ fn main() -> ExitCode {
                     // the default: Ctrl-C stops it at once.
                     let shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> =
                         if plan.watch.is_some() {
-                            Box::pin(interrupted())
+                            Box::pin(async {
+                                service::signals::on_signal().await;
+                            })
                         } else {
                             Box::pin(std::future::pending())
                         };
@@ -43,27 +45,6 @@ fn main() -> ExitCode {
         },
     };
     ExitCode::from(exit as u8)
-}
-
-/// Completes on Ctrl-C or SIGTERM; the handlers are installed at once.
-fn interrupted() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let interrupt = signal(SignalKind::interrupt());
-    let terminate = signal(SignalKind::terminate());
-    async move {
-        let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
-            match s {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            () = wait(interrupt) => {}
-            () = wait(terminate) => {}
-        }
-    }
 }
 
 /// Prints the error once, as `fient: <cause chain>`.

@@ -9,20 +9,15 @@ use service::clock::{Adjustment, Clock, OffsetClock, SystemClock};
 use service::time::Nanos;
 use std::sync::Arc;
 
-async fn start_server(offset: Nanos) -> (String, tokio::sync::oneshot::Sender<()>) {
-    let server = Server::bind(Config {
+async fn start_server(offset: Nanos) -> (String, server::Running) {
+    let running = Server::spawn(Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         offset,
         ..Config::default()
     })
     .await
     .unwrap();
-    let addr = server.local_addr().unwrap().to_string();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server.run(async {
-        let _ = rx.await;
-    }));
-    (addr, tx)
+    (running.addr.to_string(), running)
 }
 
 fn plan(args: &[&str]) -> client::cli::Plan {

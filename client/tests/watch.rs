@@ -10,27 +10,14 @@ use service::time::Nanos;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::oneshot;
 
-async fn serve(
-    listen: SocketAddr,
-) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let server = Server::bind(Config {
+async fn serve(listen: SocketAddr) -> server::Running {
+    Server::spawn(Config {
         listen,
         ..Config::default()
     })
     .await
-    .unwrap();
-    let addr = server.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        server
-            .run(async {
-                let _ = rx.await;
-            })
-            .await;
-    });
-    (addr, tx, task)
+    .unwrap()
 }
 
 fn plan(args: &[&str]) -> client::cli::Plan {
@@ -48,7 +35,8 @@ fn lines(out: &[u8]) -> Vec<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slewing_converges_a_drifting_clock_without_a_step() {
-    let (addr, _stop, _task) = serve("127.0.0.1:0".parse().unwrap()).await;
+    let server = serve("127.0.0.1:0".parse().unwrap()).await;
+    let addr = server.addr;
     // 400 µs ahead and 150 ppm fast.
     let clock = Arc::new(SimulatedClock::new(
         SystemClock,
@@ -110,7 +98,8 @@ async fn slewing_converges_a_drifting_clock_without_a_step() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reporting_only_measures_the_drift_and_rides_out_an_absent_server() {
-    let (addr, stop, task) = serve("127.0.0.1:0".parse().unwrap()).await;
+    let server = serve("127.0.0.1:0".parse().unwrap()).await;
+    let addr = server.addr;
     let clock = Arc::new(SimulatedClock::new(
         SystemClock,
         Nanos::from_millis(-2),
@@ -136,10 +125,9 @@ async fn reporting_only_measures_the_drift_and_rides_out_an_absent_server() {
         })
     };
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let _ = stop.send(());
-    let _ = task.await;
+    server.stop().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (_, _stop, _task) = serve(addr).await;
+    let _back = serve(addr).await;
     let out = watcher.await.unwrap().expect("watch");
     let lines = lines(&out);
     assert_eq!(lines.len(), 30);

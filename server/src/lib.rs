@@ -151,6 +151,42 @@ pub enum BindError {
     },
 }
 
+/// A server running in a task of its own (see [`Server::spawn`]). Dropping
+/// it stops it too, without waiting.
+pub struct Running {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    stats: Arc<ServerStats>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Arc<ServerStats>>,
+}
+
+impl Running {
+    /// Live counters.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// Stops it, lets requests in flight finish, and returns the counters.
+    pub async fn stop(mut self) -> Arc<ServerStats> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match (&mut self.task).await {
+            Ok(stats) => stats,
+            Err(_) => self.stats.clone(),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
 /// A bound, not yet running server.
 pub struct Server {
     udp: UdpServer,
@@ -191,6 +227,29 @@ impl Server {
     /// Live counters.
     pub fn stats(&self) -> Arc<ServerStats> {
         self.udp.stats()
+    }
+
+    /// Binds and serves in a task of its own on the current Tokio runtime,
+    /// until [`Running::stop`]: the one way the tests (and a program that
+    /// embeds a time server) start one.
+    pub async fn spawn(config: Config) -> Result<Running, BindError> {
+        let listen = config.listen;
+        let server = Server::bind(config).await?;
+        let addr = server.local_addr().map_err(|source| BindError::Other {
+            addr: listen,
+            source,
+        })?;
+        let stats = server.stats();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Ok(Running {
+            addr,
+            stats,
+            stop: Some(stop),
+            task,
+        })
     }
 
     /// Serves until `shutdown` completes; returns the final counters.

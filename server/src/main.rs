@@ -259,33 +259,12 @@ fn run(args: Args) -> Result<(), Failure> {
     })
 }
 
-/// Completes on Ctrl-C or SIGTERM. The handlers are installed when this
-/// is called, before the server says it is listening, so a signal sent as
-/// soon as it does is never missed.
+/// Completes on Ctrl-C or SIGTERM, logging which; the handlers are in
+/// place before the server says it is listening.
 fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let interrupt = signal(SignalKind::interrupt());
-        let terminate = signal(SignalKind::terminate());
-        async move {
-            let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
-                match s {
-                    Ok(mut s) => {
-                        s.recv().await;
-                    }
-                    Err(_) => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! {
-                () = wait(interrupt) => info!("interrupted; shutting down"),
-                () = wait(terminate) => info!("terminated; shutting down"),
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    async {
-        let _ = tokio::signal::ctrl_c().await;
-        info!("interrupted; shutting down");
+    let signal = service::signals::on_signal();
+    async move {
+        let what = signal.await;
+        info!("{what}; shutting down");
     }
 }

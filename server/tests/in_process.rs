@@ -2,7 +2,7 @@
 //! sockets: the transport's promises, checked datagram by datagram.
 
 use proptest::prelude::prop;
-use server::{Config, Dispatch, Server};
+use server::{Config, Dispatch, Running, Server};
 use service::auth::{Key, Keys};
 use service::client::{SyncOptions, TimeClient};
 use service::clock::{Clock, SkewedClock, SystemClock};
@@ -10,50 +10,21 @@ use service::sync::Estimator;
 use service::time::{Nanos, Timestamp};
 use service::transport::client::{ClientOptions, UdpClientTransport, client_config};
 use service::transport::limit::RateLimit;
-use service::transport::server::{ServerConfig, ServerStats};
+use service::transport::server::ServerConfig;
 use service::wire::{self, Call, ClientFrame, MIN_REQUEST_LEN, Reply};
 use service::{TimeServiceClient, wire::DatagramBuf};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
-use tokio::sync::oneshot;
-
-struct Running {
-    addr: SocketAddr,
-    stats: Arc<ServerStats>,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Arc<ServerStats>>,
-}
-
-impl Running {
-    async fn stop(mut self) -> Arc<ServerStats> {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        self.task.await.expect("server task")
-    }
-}
 
 async fn start(config: Config) -> Running {
-    let server = Server::bind(Config {
+    Server::spawn(Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         ..config
     })
     .await
-    .expect("bind");
-    let addr = server.local_addr().unwrap();
-    let stats = server.stats();
-    let (tx, rx) = oneshot::channel();
-    let task = tokio::spawn(server.run(async {
-        let _ = rx.await;
-    }));
-    Running {
-        addr,
-        stats,
-        stop: Some(tx),
-        task,
-    }
+    .expect("bind")
 }
 
 fn skewed(offset_ms: i64) -> Config {
@@ -321,8 +292,8 @@ async fn a_full_peer_table_turns_new_peers_away_until_one_idles_out() {
     // has just passed, which lets the newcomer evict them): either way the
     // outcome is counted.
     match recv_reply(&socks[2], Duration::from_millis(100)).await {
-        None => assert_eq!(server.stats.table_full.get(), 1),
-        Some(_) => assert!(server.stats.peers_evicted.get() >= 1),
+        None => assert_eq!(server.stats().table_full.get(), 1),
+        Some(_) => assert!(server.stats().peers_evicted.get() >= 1),
     }
     // Once the first two have been idle a while, the third gets in.
     tokio::time::sleep(Duration::from_millis(1_200)).await;

@@ -9,30 +9,17 @@ use service::time::{Nanos, Timestamp};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::oneshot;
 
 const SKEW_MS: i64 = 30;
 
-async fn serve(
-    listen: SocketAddr,
-) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let server = Server::bind(Config {
+async fn serve(listen: SocketAddr) -> server::Running {
+    Server::spawn(Config {
         listen,
         offset: Nanos::from_millis(SKEW_MS),
         ..Config::default()
     })
     .await
-    .expect("bind");
-    let addr = server.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel();
-    let task = tokio::spawn(async move {
-        server
-            .run(async {
-                let _ = rx.await;
-            })
-            .await;
-    });
-    (addr, tx, task)
+    .expect("bind")
 }
 
 /// The server's true time: the system clock plus the skew.
@@ -76,7 +63,8 @@ async fn watch(synced: &SyncedClock, span: Duration) -> (Nanos, Vec<Status>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_interval_holds_the_truth_while_drifting_and_while_the_server_is_away() {
-    let (addr, stop, task) = serve("127.0.0.1:0".parse().unwrap()).await;
+    let server = serve("127.0.0.1:0".parse().unwrap()).await;
+    let addr = server.addr;
     // 7 ms behind and 40 ppm fast: within the 50 ppm the clock assumes.
     let local = Arc::new(SimulatedClock::new(
         SystemClock,
@@ -105,15 +93,14 @@ async fn the_interval_holds_the_truth_while_drifting_and_while_the_server_is_awa
     assert!(synced_width < Nanos::from_millis(2), "{synced_width}");
 
     // The server goes away: answers go stale and widen, and stay honest.
-    let _ = stop.send(());
-    let _ = task.await;
+    server.stop().await;
     let (away_width, statuses) = watch(&synced, Duration::from_millis(1500)).await;
     assert_eq!(statuses, [Status::Synchronized, Status::Stale]);
     assert!(away_width > synced_width);
     assert!(synced.last_error().is_some());
 
     // It comes back on the same address: synchronized again, narrow again.
-    let (_, stop, task) = serve(addr).await;
+    let back_again = serve(addr).await;
     let mut back = false;
     for _ in 0..600 {
         if synced.status() == Status::Synchronized {
@@ -128,6 +115,5 @@ async fn the_interval_holds_the_truth_while_drifting_and_while_the_server_is_awa
     eprintln!(
         "widest interval: {synced_width} synchronized, {away_width} after 1.5 s away, {width} back"
     );
-    let _ = stop.send(());
-    let _ = task.await;
+    back_again.stop().await;
 }

@@ -96,41 +96,30 @@ pub enum ClockError {
     },
 }
 
-impl<C: Clock + ?Sized> Clock for std::sync::Arc<C> {
-    fn now(&self) -> Timestamp {
-        (**self).now()
-    }
-    fn at_system_time(&self, system: Timestamp) -> Timestamp {
-        (**self).at_system_time(system)
-    }
-    fn step(&self, by: Nanos) -> Result<(), ClockError> {
-        (**self).step(by)
-    }
-    fn slew(&self, by: Nanos) -> Result<Nanos, ClockError> {
-        (**self).slew(by)
-    }
-    fn set_frequency(&self, ppb: i64) -> Result<(), ClockError> {
-        (**self).set_frequency(ppb)
-    }
+/// A shared or borrowed clock is that clock.
+macro_rules! forward_clock {
+    ($($ty:ty),*) => {$(
+        impl<C: Clock + ?Sized> Clock for $ty {
+            fn now(&self) -> Timestamp {
+                (**self).now()
+            }
+            fn at_system_time(&self, system: Timestamp) -> Timestamp {
+                (**self).at_system_time(system)
+            }
+            fn step(&self, by: Nanos) -> Result<(), ClockError> {
+                (**self).step(by)
+            }
+            fn slew(&self, by: Nanos) -> Result<Nanos, ClockError> {
+                (**self).slew(by)
+            }
+            fn set_frequency(&self, ppb: i64) -> Result<(), ClockError> {
+                (**self).set_frequency(ppb)
+            }
+        }
+    )*};
 }
 
-impl<C: Clock + ?Sized> Clock for &C {
-    fn now(&self) -> Timestamp {
-        (**self).now()
-    }
-    fn at_system_time(&self, system: Timestamp) -> Timestamp {
-        (**self).at_system_time(system)
-    }
-    fn step(&self, by: Nanos) -> Result<(), ClockError> {
-        (**self).step(by)
-    }
-    fn slew(&self, by: Nanos) -> Result<Nanos, ClockError> {
-        (**self).slew(by)
-    }
-    fn set_frequency(&self, ppb: i64) -> Result<(), ClockError> {
-        (**self).set_frequency(ppb)
-    }
-}
+forward_clock!(std::sync::Arc<C>, &C);
 
 /// The machine's real-time clock (`CLOCK_REALTIME`).
 #[derive(Debug, Clone, Copy, Default)]

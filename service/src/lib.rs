@@ -9,6 +9,7 @@
 //! - [`auth`]: pre-shared keys and the tags that authenticate datagrams.
 //! - [`transport`]: tarpc over UDP, client and server side.
 //! - [`client`]: connect, probe and sync in a few lines.
+//! - [`signals`]: Ctrl-C and SIGTERM, for the binaries.
 //! - [`synced`]: [`synced::SyncedClock`], an interval that holds the server's time, kept in sync in the background.
 
 pub mod auth;
@@ -16,6 +17,7 @@ pub mod client;
 pub mod clock;
 pub mod discipline;
 pub mod rpc;
+pub mod signals;
 pub mod sync;
 pub mod synced;
 pub mod time;
