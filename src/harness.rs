@@ -244,10 +244,15 @@ pub fn json(text: &str) -> serde_json::Value {
 /// CAP_SYS_TIME is bit 25 of the capability sets in /proc/self/status.
 const CAP_SYS_TIME: u32 = 25;
 
+/// Whether a process could hold CAP_SYS_TIME: in its effective or
+/// permitted set, or in its bounding set, from which a process of root
+/// regains it on exec.
 fn has_cap_sys_time(status: &str) -> bool {
     status
         .lines()
-        .filter(|l| l.starts_with("CapEff:") || l.starts_with("CapPrm:"))
+        .filter(|l| {
+            l.starts_with("CapEff:") || l.starts_with("CapPrm:") || l.starts_with("CapBnd:")
+        })
         .any(|l| {
             let hex = l.split_whitespace().nth(1).unwrap_or("0");
             u64::from_str_radix(hex, 16).unwrap_or(u64::MAX) & (1 << CAP_SYS_TIME) != 0

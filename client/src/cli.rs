@@ -81,12 +81,13 @@ pub struct Args {
     #[arg(long, conflicts_with_all = ["slew", "watch"])]
     pub set: bool,
 
-    /// Correct the system clock gradually (stepping only above
-    /// --step-threshold); with --watch, keep it disciplined.
+    /// Correct the system clock gradually, at most 500 ppm (stepping only
+    /// above --step-threshold); with --watch, keep it disciplined.
     #[arg(long)]
     pub slew: bool,
 
-    /// With --slew: offsets above this are stepped, not slewed.
+    /// With --slew: offsets above this are stepped, not slewed (at most
+    /// 500ms: the kernel slews no more than half a second).
     #[arg(
         long,
         default_value = "100ms",

@@ -157,7 +157,7 @@ pub async fn run(
         cli::Correction::Step => discipline::Action::Step(offset),
         cli::Correction::Slew => {
             // One sync: the discipline's step-or-slew rule, no frequency.
-            let mut d = discipline::Discipline::new(plan.discipline);
+            let mut d = discipline::Discipline::new(plan.discipline, 0);
             d.update(report.local_time(), offset, service::Nanos::ZERO)
                 .action
         }

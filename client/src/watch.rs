@@ -179,7 +179,12 @@ pub async fn run(
         })
     };
     let correcting = plan.discipline.correct;
-    let mut discipline = Discipline::new(plan.discipline);
+    let baseline = if correcting {
+        clock.frequency().map_err(clock_failure)?
+    } else {
+        0
+    };
+    let mut discipline = Discipline::new(plan.discipline, baseline);
     let mut wait = interval;
     let mut syncs = 0u64;
     tokio::pin!(shutdown);

@@ -45,11 +45,12 @@ struct Args {
     #[arg(long, default_value = "0", value_name = "DURATION")]
     processing_delay: Nanos,
 
-    /// Most clients tracked at once.
+    /// With --dispatch channels: most clients tracked at once.
     #[arg(long, default_value_t = ServerConfig::default().max_peers, value_name = "N")]
     max_peers: usize,
 
-    /// Forget a client after this long without a request.
+    /// With --dispatch channels: forget a client after this long without a
+    /// request.
     #[arg(long, default_value = "30s", value_name = "DURATION")]
     idle_timeout: Nanos,
 

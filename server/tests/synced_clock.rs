@@ -47,11 +47,17 @@ async fn watch(synced: &SyncedClock, span: Duration) -> (Nanos, Vec<Status>) {
             now.latest,
             now.status
         );
-        assert!(
-            synced.after(before.saturating_add(-Nanos::from_millis(50)))
-                || now.width() > Nanos::from_millis(50)
-        );
-        assert!(!synced.after(after.saturating_add(now.width())));
+        // TrueTime's promises, through the API (which reads the clock
+        // again, a moment later: hence the 50 ms margins). A time ahead of
+        // the truth has not certainly passed, one behind it has not
+        // certainly not come; one further back than the interval is wide
+        // has certainly passed, one further ahead has certainly not come.
+        let margin = Nanos::from_millis(50);
+        let wide = now.width().saturating_add(margin);
+        assert!(!synced.after(truth().saturating_add(margin)));
+        assert!(!synced.before(truth().saturating_add(-margin)));
+        assert!(synced.after(truth().saturating_add(-wide)));
+        assert!(synced.before(truth().saturating_add(wide)));
         widest = widest.max(now.width());
         if statuses.last() != Some(&now.status) {
             statuses.push(now.status);

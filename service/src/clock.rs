@@ -63,6 +63,12 @@ pub trait Clock: Send + Sync + fmt::Debug {
             op: "adjust the frequency of",
         })
     }
+
+    /// The frequency correction in force, ppb (zero for clocks that have
+    /// none). Reading it needs no privilege.
+    fn frequency(&self) -> Result<i64, ClockError> {
+        Ok(0)
+    }
 }
 
 /// The fastest a slew corrects: 500 ppm, the kernel's rate for `adjtime`.
@@ -115,6 +121,9 @@ macro_rules! forward_clock {
             fn set_frequency(&self, ppb: i64) -> Result<(), ClockError> {
                 (**self).set_frequency(ppb)
             }
+            fn frequency(&self) -> Result<i64, ClockError> {
+                (**self).frequency()
+            }
         }
     )*};
 }
@@ -153,6 +162,11 @@ impl Clock for SystemClock {
     /// within ±500 ppm.
     fn set_frequency(&self, ppb: i64) -> Result<(), ClockError> {
         sys::set_frequency(ppb)
+    }
+
+    /// The kernel's frequency correction now (`adjtimex` reading only).
+    fn frequency(&self) -> Result<i64, ClockError> {
+        sys::frequency()
     }
 }
 
@@ -194,6 +208,14 @@ mod sys {
         // The kernel takes ppm with a 16-bit binary fraction.
         tx.freq = (ppb * 65_536 / 1_000) as libc::c_long;
         adjtimex("adjust the frequency of", &mut tx)
+    }
+
+    pub fn frequency() -> Result<i64, ClockError> {
+        // SAFETY: `timex` is plain data; zeroed is a valid value.
+        let mut tx: libc::timex = unsafe { std::mem::zeroed() };
+        // modes = 0: read only, no privilege needed.
+        adjtimex("read the frequency of", &mut tx)?;
+        Ok(tx.freq as i64 * 1_000 / 65_536)
     }
 
     pub fn step_realtime(by: Nanos) -> Result<(), ClockError> {
@@ -512,12 +534,17 @@ impl<C: Clock> Clock for SimulatedClock<C> {
         state.adjustments.push(Adjustment::Step(by));
         Ok(())
     }
+    /// As the kernel's `adjtime`: whole microseconds, at most ±0.5 s.
     fn slew(&self, by: Nanos) -> Result<Nanos, ClockError> {
         let mut state = self.current();
         let left = Nanos::from_nanos(state.slewing);
-        state.slewing = by.as_nanos();
+        let micros = (by.as_nanos() / 1_000).clamp(-500_000, 500_000);
+        state.slewing = micros * 1_000;
         state.adjustments.push(Adjustment::Slew(by));
         Ok(left)
+    }
+    fn frequency(&self) -> Result<i64, ClockError> {
+        Ok(self.current().frequency_ppb)
     }
     fn set_frequency(&self, ppb: i64) -> Result<(), ClockError> {
         let mut state = self.current();
@@ -646,6 +673,12 @@ mod tests {
                 Adjustment::Slew(Nanos::from_micros(-200)),
             ]
         );
+    }
+
+    #[test]
+    fn the_system_frequency_can_be_read_by_anyone() {
+        let ppb = SystemClock.frequency().expect("reading needs no privilege");
+        assert!(ppb.abs() <= MAX_FREQUENCY_PPB, "{ppb}");
     }
 
     #[test]

@@ -6,11 +6,13 @@
 //! answers with one of:
 //!
 //! - **step** when |θ| is above the step threshold (chrony's `makestep`),
-//! - **slew** otherwise: the clock is corrected gradually, replacing any
-//!   slew still under way,
+//! - **slew** otherwise: the clock is corrected gradually, in whole
+//!   microseconds (the kernel's unit) and at most [`MAX_SLEW`], replacing
+//!   any slew still under way,
 //! - **refuse** when |θ| is above the panic limit (ntpd's `panic`): such a
 //!   jump is more likely a broken server than a broken clock, and a human
-//!   should decide (`--force`).
+//!   should decide (`--force`). A refused offset changes nothing, not even
+//!   the frequency estimate.
 //!
 //! and, once it has seen enough, a **frequency** correction: the clock's
 //! own rate error, estimated from how θ moves between syncs once the
@@ -25,13 +27,17 @@
 use crate::time::{Nanos, Timestamp};
 use std::collections::VecDeque;
 
+/// The largest slew: what `adjtime` takes. Offsets larger than this must be
+/// stepped, so the step threshold is at most this.
+pub const MAX_SLEW: Nanos = Nanos::from_millis(500);
+
 /// How the discipline behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DisciplineConfig {
     /// Correct the clock (`--slew`); if false, only report.
     pub correct: bool,
     /// Offsets above this are stepped, below it slewed (chrony's makestep:
-    /// 0.1 s).
+    /// 0.1 s). Taken as at most [`MAX_SLEW`].
     pub step_threshold: Nanos,
     /// Offsets above this are refused unless `force`; `None` for no limit.
     pub max_correction: Option<Nanos>,
@@ -97,6 +103,9 @@ pub struct Discipline {
     /// The frequency correction in force, ppb, and since when (local ns).
     frequency_ppb: i64,
     frequency_since: Option<i128>,
+    /// The correction in force before the discipline started (left by
+    /// another program, or an earlier run): corrections are counted from it.
+    baseline_ppb: i64,
     /// ∫ frequency dt up to `frequency_since`, in ns.
     frequency_applied: i128,
 }
@@ -105,16 +114,19 @@ pub struct Discipline {
 const MAX_PPB: i64 = crate::clock::MAX_FREQUENCY_PPB;
 
 impl Discipline {
-    /// A discipline with nothing seen yet.
-    pub fn new(config: DisciplineConfig) -> Self {
+    /// A discipline with nothing seen yet, for a clock whose frequency
+    /// correction is now `baseline_ppb` (ask the clock: the kernel keeps it
+    /// across programs).
+    pub fn new(config: DisciplineConfig, baseline_ppb: i64) -> Self {
         Discipline {
             config,
             points: VecDeque::with_capacity(config.window + 1),
             applied: 0,
             slew_asked: 0,
-            frequency_ppb: 0,
+            frequency_ppb: baseline_ppb,
             frequency_since: None,
             frequency_applied: 0,
+            baseline_ppb,
         }
     }
 
@@ -123,11 +135,12 @@ impl Discipline {
         self.frequency_ppb
     }
 
-    /// ∫ frequency dt from the start to local time `at`, in ns.
+    /// ∫ (frequency − baseline) dt from the start to local time `at`, in
+    /// ns: what our frequency corrections have moved the clock by.
     fn frequency_effect(&self, at: i128) -> i128 {
         let since = self.frequency_since.unwrap_or(at);
-        self.frequency_applied
-            + (at - since).max(0) * i128::from(self.frequency_ppb) / 1_000_000_000
+        let ours = i128::from(self.frequency_ppb - self.baseline_ppb);
+        self.frequency_applied + (at - since).max(0) * ours / 1_000_000_000
     }
 
     /// Takes the offset θ measured at local time `at` (server minus
@@ -140,13 +153,26 @@ impl Discipline {
         // The previous slew took effect except for what is left of it.
         self.applied += i128::from(self.slew_asked - slew_left.as_nanos());
         self.slew_asked = 0;
+        let magnitude = offset.abs();
+        if self.config.correct
+            && let Some(limit) = self.config.max_correction
+            && magnitude > limit
+            && !self.config.force
+        {
+            // Most likely the server is wrong: keep it out of everything.
+            return Update {
+                action: Action::Refuse(offset),
+                set_frequency_ppb: None,
+                drift_ppb: self.slope_ppb().map(|slope| -slope),
+            };
+        }
         let natural = i128::from(offset.as_nanos()) + self.applied + self.frequency_effect(at_ns);
         self.points.push_back(Point { at: at_ns, natural });
         while self.points.len() > self.config.window.max(2) {
             self.points.pop_front();
         }
         // The natural offset falls as fast as the clock gains: its slope is
-        // minus the drift.
+        // minus the drift (with the baseline correction in force).
         let drift_ppb = self.slope_ppb().map(|slope| -slope);
 
         if !self.config.correct {
@@ -156,11 +182,14 @@ impl Discipline {
                 drift_ppb,
             };
         }
-        let magnitude = offset.abs();
-        let action = match self.config.max_correction {
-            Some(limit) if magnitude > limit && !self.config.force => Action::Refuse(offset),
-            _ if magnitude > self.config.step_threshold => Action::Step(offset),
-            _ => Action::Slew(offset),
+        let threshold = self.config.step_threshold.min(MAX_SLEW);
+        let action = if magnitude > threshold {
+            Action::Step(offset)
+        } else {
+            // Whole microseconds (the nearest), as the kernel slews.
+            let n = offset.as_nanos();
+            let micros = (n + n.signum() * 500) / 1_000;
+            Action::Slew(Nanos::from_micros(micros))
         };
         match action {
             Action::Step(by) => self.applied += i128::from(by.as_nanos()),
@@ -168,7 +197,8 @@ impl Discipline {
             Action::None | Action::Refuse(_) => {}
         }
         // Cancel the drift: run the clock as much slower as it runs fast.
-        let set_frequency_ppb = drift_ppb.map(|drift| (-drift).clamp(-MAX_PPB, MAX_PPB));
+        let set_frequency_ppb =
+            drift_ppb.map(|drift| (self.baseline_ppb - drift).clamp(-MAX_PPB, MAX_PPB));
         if let Some(ppb) = set_frequency_ppb {
             self.frequency_applied = self.frequency_effect(at_ns);
             self.frequency_since = Some(at_ns);
@@ -227,7 +257,7 @@ mod tests {
     ) -> (SimulatedClock<Arc<ManualClock>>, Vec<Update>) {
         let truth = Arc::new(ManualClock::new(Timestamp::from_nanos(1_800_000_000 * S)));
         let clock = SimulatedClock::new(truth.clone(), offset, drift_ppb);
-        let mut discipline = Discipline::new(config);
+        let mut discipline = Discipline::new(config, clock.frequency_ppb());
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let mut updates = Vec::new();
         for _ in 0..syncs {
@@ -366,6 +396,89 @@ mod tests {
             "{}",
             clock.error()
         );
+    }
+
+    #[test]
+    fn refused_offsets_change_nothing_not_even_the_frequency() {
+        // Honest syncs first, then a server that jumps 2000 s for good.
+        let truth = Arc::new(ManualClock::new(Timestamp::from_nanos(1_800_000_000 * S)));
+        let clock = SimulatedClock::new(truth.clone(), Nanos::ZERO, 30_000);
+        let mut d = Discipline::new(slewing(), 0);
+        let mut frequencies = Vec::new();
+        for i in 0..12 {
+            let jump = if i >= 6 { 2_000 * S } else { 0 };
+            let measured = Nanos::from_nanos(-clock.error().as_nanos() + jump);
+            let left = clock.slew(Nanos::ZERO).unwrap();
+            let u = d.update(clock.now(), measured, left);
+            if i >= 6 {
+                assert_eq!(u.action, Action::Refuse(measured));
+                assert_eq!(u.set_frequency_ppb, None);
+            }
+            if let Action::Slew(by) = u.action {
+                clock.slew(by).unwrap();
+            }
+            if let Some(ppb) = u.set_frequency_ppb {
+                clock.set_frequency(ppb).unwrap();
+            }
+            frequencies.push(clock.frequency_ppb());
+            truth.advance(Nanos::from_secs(16));
+        }
+        assert!(
+            frequencies[6..].iter().all(|&f| f == frequencies[5]),
+            "{frequencies:?}"
+        );
+        assert!((frequencies[5] + 30_000).abs() < 100, "{frequencies:?}");
+    }
+
+    #[test]
+    fn slews_are_whole_microseconds_and_big_offsets_steps() {
+        let config = DisciplineConfig {
+            step_threshold: Nanos::from_secs(2),
+            ..slewing()
+        };
+        let mut d = Discipline::new(config, 0);
+        let t = Timestamp::from_nanos(1_800_000_000 * S);
+        let mut slew = |n| d.update(t, Nanos::from_nanos(n), Nanos::ZERO).action;
+        assert_eq!(slew(1_499), Action::Slew(Nanos::from_micros(1)));
+        assert_eq!(slew(1_500), Action::Slew(Nanos::from_micros(2)));
+        assert_eq!(slew(-499), Action::Slew(Nanos::ZERO));
+        assert_eq!(slew(-501), Action::Slew(Nanos::from_micros(-1)));
+        // A threshold above what adjtime takes is held to 0.5 s.
+        assert_eq!(
+            d.update(t, Nanos::from_millis(1_500), Nanos::ZERO).action,
+            Action::Step(Nanos::from_millis(1_500))
+        );
+    }
+
+    #[test]
+    fn a_frequency_already_in_force_is_the_baseline() {
+        // Another program left +80 ppm in the kernel; the clock's nature is
+        // -20 ppm, so it runs 60 ppm fast. The discipline must end at +20.
+        let truth = Arc::new(ManualClock::new(Timestamp::from_nanos(1_800_000_000 * S)));
+        let clock = SimulatedClock::new(truth.clone(), Nanos::ZERO, -20_000);
+        clock.set_frequency(80_000).unwrap();
+        let mut d = Discipline::new(slewing(), clock.frequency_ppb());
+        for _ in 0..10 {
+            let left = clock.slew(Nanos::ZERO).unwrap();
+            let u = d.update(
+                clock.now(),
+                Nanos::from_nanos(-clock.error().as_nanos()),
+                left,
+            );
+            if let Action::Slew(by) = u.action {
+                clock.slew(by).unwrap();
+            }
+            if let Some(ppb) = u.set_frequency_ppb {
+                clock.set_frequency(ppb).unwrap();
+            }
+            truth.advance(Nanos::from_secs(2));
+        }
+        assert!(
+            (clock.frequency_ppb() - 20_000).abs() < 100,
+            "{}",
+            clock.frequency_ppb()
+        );
+        assert!(clock.rate_error_ppb().abs() < 100);
     }
 
     #[test]

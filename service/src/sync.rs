@@ -114,7 +114,7 @@ impl Sample {
 
     /// Time the server spent between receipt and reply: `ts3 - ts2`.
     pub fn server_time(&self) -> Nanos {
-        Nanos::from_nanos(self.ts3.diff_i128(self.ts2) as i64)
+        Nanos::try_from_i128(self.ts3.diff_i128(self.ts2)).unwrap_or(Nanos::MAX)
     }
 
     /// One-way delay, `rtt / 2` (rounded toward zero): the seeds' figure.
@@ -174,7 +174,7 @@ impl NowExchange {
 
     /// The whole round trip of the call, server time included.
     pub fn rtt(&self) -> Nanos {
-        Nanos::from_nanos(self.received.diff_i128(self.sent) as i64)
+        Nanos::try_from_i128(self.received.diff_i128(self.sent)).unwrap_or(Nanos::MAX)
     }
 
     /// The server read its clock at some client time between `sent` and

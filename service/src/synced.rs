@@ -25,13 +25,18 @@
 //!
 //! Elapsed time is measured on [`MonotonicClock`] by default: the raw
 //! hardware clock, which no step or slew of the system clock (by fient, or
-//! anyone) can disturb.
+//! anyone) can disturb. For the same reason the default configuration
+//! stamps replies in user space: the kernel's receive timestamps are on
+//! the system clock, and carrying one over to the monotonic clock would let
+//! a step of the system clock in between move it. A user-space stamp is a
+//! few microseconds late, which only widens the interval.
 
 use crate::client::{SyncOptions, SyncReport, TimeClient, spread};
 use crate::clock::{Clock, MonotonicClock};
 use crate::sync::Estimator;
 use crate::time::{Nanos, Timestamp};
 use crate::transport::client::ClientOptions;
+use crate::transport::socket::Stamping;
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
@@ -59,6 +64,8 @@ pub struct SyncedClockConfig {
 }
 
 impl Default for SyncedClockConfig {
+    /// Every 16 s, 50 ppm, stale after 64 s, 8 syncs kept; receive
+    /// timestamps read in user space (see [`SyncedClock`] for why).
     fn default() -> Self {
         SyncedClockConfig {
             interval: Duration::from_secs(16),
@@ -66,7 +73,10 @@ impl Default for SyncedClockConfig {
             stale_after: Duration::from_secs(64),
             keep: 8,
             sync: SyncOptions::default(),
-            client: ClientOptions::default(),
+            client: ClientOptions {
+                stamping: Stamping::User,
+                key: None,
+            },
         }
     }
 }
@@ -176,6 +186,10 @@ impl SyncedClock {
         clock: Arc<dyn Clock>,
         config: SyncedClockConfig,
     ) -> io::Result<SyncedClock> {
+        let mut config = config;
+        // Each sync must allow at least the drift the answers assume.
+        let params = &mut config.sync.params;
+        params.max_drift_ppm = params.max_drift_ppm.max(config.max_drift_ppm);
         let client = TimeClient::connect_with(server, clock.clone(), config.client.clone()).await?;
         let state = Arc::new(Mutex::new(State::default()));
         let task = tokio::spawn(keep_in_sync(

@@ -291,7 +291,14 @@ impl Stream for UdpClientTransport {
         if this.closed {
             return Poll::Ready(None);
         }
+        // Transient errors are skipped, but only so many per poll: one that
+        // repeats (ENOBUFS under memory pressure, say) must not spin here.
+        let mut errors = 0;
         loop {
+            if errors >= 16 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             match poll_recv_stamped(&this.socket, cx, &mut this.rx[..]) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(arrival)) => {
@@ -328,7 +335,10 @@ impl Stream for UdpClientTransport {
                         }
                     }
                 }
-                Poll::Ready(Err(e)) if is_transient(&e) => this.count_error(&e),
+                Poll::Ready(Err(e)) if is_transient(&e) => {
+                    errors += 1;
+                    this.count_error(&e);
+                }
                 Poll::Ready(Err(e)) => {
                     // The socket itself is broken: end the transport, which
                     // fails the calls in flight instead of spinning here.

@@ -97,8 +97,8 @@ impl Limiter {
         let refilled = bucket
             .tokens
             .saturating_add(elapsed.saturating_mul(rate) / 1_000);
-        if bucket.source != source {
-            // Another source's slot: take it over, fresh.
+        if bucket.source == 0 {
+            // A slot never used: this source's, full.
             *bucket = Bucket {
                 source,
                 tokens: full,
@@ -107,6 +107,10 @@ impl Limiter {
         } else {
             bucket.tokens = refilled.min(full);
             bucket.updated = now_ns;
+            if bucket.source != source && bucket.tokens == full {
+                // Its owner has been quiet long enough: the slot changes hands.
+                bucket.source = source;
+            }
         }
         if bucket.tokens >= SCALE {
             bucket.tokens -= SCALE;
@@ -180,6 +184,19 @@ mod tests {
         assert!(l.allow(ip("192.0.2.7"), 0));
         assert!(l.allow(ip("::ffff:192.0.2.7"), 0));
         assert!(!l.allow(ip("192.0.2.7"), 0));
+    }
+
+    #[test]
+    fn colliding_sources_share_a_bucket_and_never_escape_it() {
+        // One slot: every source collides.
+        let mut l = Limiter::new(RateLimit { rate: 1, burst: 4 }, 1);
+        let (a, b) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        let passed = (0..20)
+            .filter(|i| l.allow(if i % 2 == 0 { a } else { b }, 0))
+            .count();
+        assert_eq!(passed, 4, "alternating sources must not reset the bucket");
+        // Once it has refilled, a newcomer may take the slot.
+        assert!(l.allow(b, 10_000 * MS));
     }
 
     #[test]

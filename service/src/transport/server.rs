@@ -762,10 +762,11 @@ where
             return;
         }
         // It must wait: give it a task, within the limits.
-        let count = self.per_peer.entry(from).or_default().clone();
-        if count.load(Ordering::Relaxed) >= self.config.max_in_flight
-            || self.pending.len() >= MAX_PENDING
-        {
+        let waiting_here = self
+            .per_peer
+            .get(&from)
+            .map_or(0, |c| c.load(Ordering::Relaxed));
+        if waiting_here >= self.config.max_in_flight || self.pending.len() >= MAX_PENDING {
             let busy = tarpc::ServerError::new(
                 io::ErrorKind::WouldBlock,
                 "too many requests in flight".into(),
@@ -773,7 +774,7 @@ where
             self.reply(from, id, Err(busy), &inbound);
             return;
         }
-        let waiting = InFlight::enter(count);
+        let waiting = InFlight::enter(self.per_peer.entry(from).or_default().clone());
         let outbox = self.outbox.clone();
         let stats = self.stats.clone();
         let received = inbound.received;
