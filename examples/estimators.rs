@@ -107,32 +107,26 @@ fn blend(s: &[Sample], lo: i64, hi: i64, mid_weight: i64) -> i64 {
     (m * (4 - mid_weight) + midpoint(s, lo, hi) * mid_weight) / 4
 }
 
-/// Each sample's interval clipped to the intersection; the median of their
-/// midpoints. A wide (noisy) sample collapses to the intersection's midpoint.
-fn clipped_midpoints_median(s: &[Sample], lo: i64, hi: i64) -> i64 {
-    let mut mids: Vec<i64> = s
-        .iter()
+/// Each sample's interval clipped to the intersection, and the midpoints
+/// of what is left: a wide (noisy) sample collapses to the intersection's
+/// midpoint.
+fn clipped_midpoints(s: &[Sample], lo: i64, hi: i64) -> Vec<i64> {
+    s.iter()
         .map(|x| {
             let o = x.offset().as_nanos();
             let half = x.rtt().as_nanos() / 2;
             let (a, b) = ((o - half).max(lo), (o + half).min(hi));
             a + (b - a) / 2
         })
-        .collect();
-    median(&mut mids)
+        .collect()
+}
+
+fn clipped_midpoints_median(s: &[Sample], lo: i64, hi: i64) -> i64 {
+    median(&mut clipped_midpoints(s, lo, hi))
 }
 
 fn clipped_midpoints_mean(s: &[Sample], lo: i64, hi: i64) -> i64 {
-    let mids: Vec<i64> = s
-        .iter()
-        .map(|x| {
-            let o = x.offset().as_nanos();
-            let half = x.rtt().as_nanos() / 2;
-            let (a, b) = ((o - half).max(lo), (o + half).min(hi));
-            a + (b - a) / 2
-        })
-        .collect();
-    mean(&mids)
+    mean(&clipped_midpoints(s, lo, hi))
 }
 
 fn main() {
