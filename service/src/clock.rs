@@ -522,6 +522,14 @@ impl<C: Clock> SimulatedClock<C> {
     pub fn adjustments(&self) -> Vec<Adjustment> {
         self.current().adjustments.clone()
     }
+
+    /// Whether anything ever stepped this clock.
+    pub fn was_stepped(&self) -> bool {
+        self.current()
+            .adjustments
+            .iter()
+            .any(|a| matches!(a, Adjustment::Step(_)))
+    }
 }
 
 impl<C: Clock> Clock for SimulatedClock<C> {

@@ -238,11 +238,36 @@ impl Discipline {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::{Adjustment, Clock, ManualClock, SimulatedClock};
+    use crate::clock::{Clock, ManualClock, SimulatedClock};
     use rand::{RngExt, SeedableRng};
     use std::sync::Arc;
 
     const S: i64 = 1_000_000_000;
+
+    /// One sync of `d` on `clock`, as the watch loop does it: cancel the slew
+    /// under way to learn what is left, decide, apply.
+    fn sync_once(
+        d: &mut Discipline,
+        clock: &SimulatedClock<Arc<ManualClock>>,
+        measured: Nanos,
+        correct: bool,
+    ) -> Update {
+        let slew_left = if correct {
+            clock.slew(Nanos::ZERO).unwrap()
+        } else {
+            Nanos::ZERO
+        };
+        let u = d.update(clock.now(), measured, slew_left);
+        match u.action {
+            Action::Step(by) => clock.step(by).unwrap(),
+            Action::Slew(by) => assert_eq!(clock.slew(by).unwrap(), Nanos::ZERO),
+            Action::None | Action::Refuse(_) => {}
+        }
+        if let Some(ppb) = u.set_frequency_ppb {
+            clock.set_frequency(ppb).unwrap();
+        }
+        u
+    }
 
     /// Runs a discipline against a simulated clock for `syncs` syncs every
     /// `interval` seconds of true time, measuring θ with up to `noise` ns of
@@ -267,21 +292,7 @@ mod tests {
                 0
             };
             let measured = Nanos::from_nanos(-clock.error().as_nanos() + error);
-            let slew_left = if config.correct {
-                clock.slew(Nanos::ZERO).unwrap()
-            } else {
-                Nanos::ZERO
-            };
-            let u = discipline.update(clock.now(), measured, slew_left);
-            match u.action {
-                Action::Step(by) => clock.step(by).unwrap(),
-                Action::Slew(by) => assert_eq!(clock.slew(by).unwrap(), Nanos::ZERO),
-                Action::None | Action::Refuse(_) => {}
-            }
-            if let Some(ppb) = u.set_frequency_ppb {
-                clock.set_frequency(ppb).unwrap();
-            }
-            updates.push(u);
+            updates.push(sync_once(&mut discipline, &clock, measured, config.correct));
             truth.advance(Nanos::from_nanos(interval * S));
         }
         (clock, updates)
@@ -320,12 +331,7 @@ mod tests {
     fn a_drifting_clock_converges_without_a_step() {
         // 2 ms off and 50 ppm fast, measured to ±2 µs, a sync every 2 s.
         let (clock, updates) = run(slewing(), Nanos::from_millis(2), 50_000, 2, 40, 2_000);
-        assert!(
-            clock
-                .adjustments()
-                .iter()
-                .all(|a| !matches!(a, Adjustment::Step(_)))
-        );
+        assert!(!clock.was_stepped());
         // Within 10 µs of the truth, and the frequency within 2 ppm.
         assert!(
             clock.error().abs() < Nanos::from_micros(10),
@@ -383,12 +389,7 @@ mod tests {
         // 50 ms takes 100 s at 500 ppm: many syncs see it half done. The
         // drift estimate must not mistake the slewing for drift.
         let (clock, updates) = run(slewing(), Nanos::from_millis(50), 20_000, 2, 60, 0);
-        assert!(
-            clock
-                .adjustments()
-                .iter()
-                .all(|a| !matches!(a, Adjustment::Step(_)))
-        );
+        assert!(!clock.was_stepped());
         let drift = updates.last().unwrap().drift_ppb.unwrap();
         assert!((drift - 20_000).abs() < 200, "{drift}");
         assert!(
@@ -408,17 +409,10 @@ mod tests {
         for i in 0..12 {
             let jump = if i >= 6 { 2_000 * S } else { 0 };
             let measured = Nanos::from_nanos(-clock.error().as_nanos() + jump);
-            let left = clock.slew(Nanos::ZERO).unwrap();
-            let u = d.update(clock.now(), measured, left);
+            let u = sync_once(&mut d, &clock, measured, true);
             if i >= 6 {
                 assert_eq!(u.action, Action::Refuse(measured));
                 assert_eq!(u.set_frequency_ppb, None);
-            }
-            if let Action::Slew(by) = u.action {
-                clock.slew(by).unwrap();
-            }
-            if let Some(ppb) = u.set_frequency_ppb {
-                clock.set_frequency(ppb).unwrap();
             }
             frequencies.push(clock.frequency_ppb());
             truth.advance(Nanos::from_secs(16));
@@ -459,18 +453,8 @@ mod tests {
         clock.set_frequency(80_000).unwrap();
         let mut d = Discipline::new(slewing(), clock.frequency_ppb());
         for _ in 0..10 {
-            let left = clock.slew(Nanos::ZERO).unwrap();
-            let u = d.update(
-                clock.now(),
-                Nanos::from_nanos(-clock.error().as_nanos()),
-                left,
-            );
-            if let Action::Slew(by) = u.action {
-                clock.slew(by).unwrap();
-            }
-            if let Some(ppb) = u.set_frequency_ppb {
-                clock.set_frequency(ppb).unwrap();
-            }
+            let measured = Nanos::from_nanos(-clock.error().as_nanos());
+            sync_once(&mut d, &clock, measured, true);
             truth.advance(Nanos::from_secs(2));
         }
         assert!(
