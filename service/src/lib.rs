@@ -6,6 +6,7 @@
 //! - [`discipline`]: keeping a clock right over time (step, slew, frequency), pure.
 //! - [`rpc`]: the tarpc service trait, [`TimeService`].
 //! - [`wire`]: the datagram format, decoded and validated.
+//! - [`ntp`]: the NTP packet format (RFC 5905, 7822), decoded and validated.
 //! - [`auth`]: pre-shared keys and the tags that authenticate datagrams.
 //! - [`transport`]: tarpc over UDP, client and server side.
 //! - [`client`]: connect, probe and sync in a few lines.
@@ -16,6 +17,7 @@ pub mod auth;
 pub mod client;
 pub mod clock;
 pub mod discipline;
+pub mod ntp;
 pub mod rpc;
 pub mod signals;
 pub mod sync;
