@@ -2,11 +2,14 @@
 //! [`Server`].
 //!
 //! - [`TimeServer`]: the handlers of [`service::TimeService`].
-//! - [`Config`] and [`Server`]: bind a socket, serve until told to stop.
+//! - [`Config`] and [`Server`]: bind the sockets (cerv's wire, and NTP
+//!   with `ntp_listen`), serve until told to stop.
+//! - [`measure_precision`]: the clock's precision, for NTP replies.
 
 use service::clock::{Clock, SkewedClock, SystemClock};
 use service::rpc::{ProbeReply, TimeService};
 use service::time::{Nanos, Timestamp};
+use service::transport::face::{Face, NtpFace};
 use service::transport::server::{
     HandlerFuture, ServerConfig, ServerStats, UdpServer, run_channel,
 };
@@ -77,6 +80,11 @@ pub struct Config {
     pub transport: ServerConfig,
     /// How requests reach the handlers.
     pub dispatch: Dispatch,
+    /// Addresses to answer NTP on (none: no NTP).
+    pub ntp_listen: Vec<SocketAddr>,
+    /// How the NTP face describes the clock. Its precision is measured
+    /// when the server binds.
+    pub ntp: NtpFace,
 }
 
 /// How requests reach the handlers.
@@ -113,6 +121,8 @@ impl Default for Config {
             processing_delay: Duration::ZERO,
             transport: ServerConfig::default(),
             dispatch: Dispatch::default(),
+            ntp_listen: Vec::new(),
+            ntp: NtpFace::default(),
         }
     }
 }
@@ -156,15 +166,23 @@ pub enum BindError {
 pub struct Running {
     /// The address it listens on.
     pub addr: SocketAddr,
+    /// The addresses it answers NTP on, in the order configured.
+    pub ntp_addrs: Vec<SocketAddr>,
+    ntp_stats: Vec<Arc<ServerStats>>,
     stats: Arc<ServerStats>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Arc<ServerStats>>,
 }
 
 impl Running {
-    /// Live counters.
+    /// Live counters of the cerv socket.
     pub fn stats(&self) -> &ServerStats {
         &self.stats
+    }
+
+    /// Live counters of the `i`-th NTP socket.
+    pub fn ntp_stats(&self, i: usize) -> Option<&ServerStats> {
+        self.ntp_stats.get(i).map(|s| &**s)
     }
 
     /// Stops it, lets requests in flight finish, and returns the counters.
@@ -190,30 +208,68 @@ impl Drop for Running {
 /// A bound, not yet running server.
 pub struct Server {
     udp: UdpServer,
+    ntp: Vec<UdpServer>,
     handlers: TimeServer,
     dispatch: Dispatch,
+}
+
+/// Binds a UDP socket, naming the address in the error.
+async fn bind_udp(addr: SocketAddr) -> Result<tokio::net::UdpSocket, BindError> {
+    tokio::net::UdpSocket::bind(addr)
+        .await
+        .map_err(|source| match source.kind() {
+            io::ErrorKind::AddrInUse => BindError::InUse { addr },
+            io::ErrorKind::PermissionDenied => BindError::PermissionDenied { addr },
+            io::ErrorKind::AddrNotAvailable => BindError::NotAvailable { addr },
+            _ => BindError::Other { addr, source },
+        })
+}
+
+/// The clock's precision as NTP states it: log2 of the smallest step seen
+/// between two successive readings, in seconds (chrony measures it the
+/// same way). Reads the clock a few hundred times.
+pub fn measure_precision(clock: &dyn Clock) -> i8 {
+    let mut smallest = i128::MAX;
+    let mut last = clock.now();
+    for _ in 0..400 {
+        let now = clock.now();
+        let step = now.diff_i128(last);
+        if step > 0 {
+            smallest = smallest.min(step);
+        }
+        last = now;
+    }
+    let step = Nanos::try_from_i128(smallest).unwrap_or(Nanos::from_millis(1));
+    service::ntp::precision_log2(step)
 }
 
 impl Server {
     /// Binds the socket. Must run inside a Tokio runtime.
     pub async fn bind(config: Config) -> Result<Server, BindError> {
-        let addr = config.listen;
-        let socket =
-            tokio::net::UdpSocket::bind(addr)
-                .await
-                .map_err(|source| match source.kind() {
-                    io::ErrorKind::AddrInUse => BindError::InUse { addr },
-                    io::ErrorKind::PermissionDenied => BindError::PermissionDenied { addr },
-                    io::ErrorKind::AddrNotAvailable => BindError::NotAvailable { addr },
-                    _ => BindError::Other { addr, source },
-                })?;
+        let socket = bind_udp(config.listen).await?;
         let clock: Arc<dyn Clock> = if config.offset == Nanos::ZERO {
             Arc::new(SystemClock)
         } else {
             Arc::new(SkewedClock::new(SystemClock, config.offset))
         };
+        let mut ntp = Vec::with_capacity(config.ntp_listen.len());
+        if !config.ntp_listen.is_empty() {
+            let face = Face::Ntp(NtpFace {
+                precision: measure_precision(&*clock),
+                ..config.ntp.clone()
+            });
+            for &addr in &config.ntp_listen {
+                let socket = bind_udp(addr).await?;
+                let transport = ServerConfig {
+                    face: face.clone(),
+                    ..config.transport.clone()
+                };
+                ntp.push(UdpServer::new(socket, clock.clone(), transport));
+            }
+        }
         Ok(Server {
             udp: UdpServer::new(socket, clock.clone(), config.transport),
+            ntp,
             handlers: TimeServer::new(clock, config.processing_delay),
             dispatch: config.dispatch,
         })
@@ -222,6 +278,11 @@ impl Server {
     /// The address actually bound (useful after binding port 0).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.udp.local_addr()
+    }
+
+    /// The NTP addresses actually bound, in the order configured.
+    pub fn ntp_addrs(&self) -> io::Result<Vec<SocketAddr>> {
+        self.ntp.iter().map(UdpServer::local_addr).collect()
     }
 
     /// Live counters.
@@ -240,40 +301,75 @@ impl Server {
             source,
         })?;
         let stats = server.stats();
+        let ntp_addrs = server.ntp_addrs().map_err(|source| BindError::Other {
+            addr: listen,
+            source,
+        })?;
+        let ntp_stats = server.ntp.iter().map(UdpServer::stats).collect();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
         }));
         Ok(Running {
             addr,
+            ntp_addrs,
+            ntp_stats,
             stats,
             stop: Some(stop),
             task,
         })
     }
 
-    /// Serves until `shutdown` completes; returns the final counters.
+    /// Serves until `shutdown` completes; returns the final counters of
+    /// the cerv socket (each NTP socket logs its own as it stops).
+    ///
+    /// Every socket runs on the current task: one thread serves them all,
+    /// which is the fastest on a small machine (see the README's speed
+    /// section). NTP requests are always dispatched inline: NTP has no
+    /// request ids for a per-peer tarpc channel to track.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Arc<ServerStats> {
         let handlers = self.handlers;
-        match self.dispatch {
-            Dispatch::Inline => {
-                self.udp
-                    .run_inline(
-                        move |ctx, request| -> HandlerFuture {
-                            Box::pin(handlers.clone().serve().serve(ctx, request))
-                        },
-                        shutdown,
-                    )
-                    .await
+        // Every socket stops when `shutdown` completes.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|&stop| stop).await;
             }
-            Dispatch::Channels => {
-                self.udp
-                    .run(
-                        move |channel| run_channel(channel, handlers.clone().serve()),
-                        shutdown,
-                    )
-                    .await
+        };
+        let inline = |handlers: TimeServer| {
+            move |ctx, request| -> HandlerFuture {
+                Box::pin(handlers.clone().serve().serve(ctx, request))
             }
-        }
+        };
+        let ntp = futures::future::join_all(
+            self.ntp
+                .into_iter()
+                .map(|udp| udp.run_inline(inline(handlers.clone()), stopped())),
+        );
+        let cerv = async {
+            match self.dispatch {
+                Dispatch::Inline => {
+                    self.udp
+                        .run_inline(inline(handlers.clone()), stopped())
+                        .await
+                }
+                Dispatch::Channels => {
+                    let handlers = handlers.clone();
+                    self.udp
+                        .run(
+                            move |channel| run_channel(channel, handlers.clone().serve()),
+                            stopped(),
+                        )
+                        .await
+                }
+            }
+        };
+        let signal = async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        };
+        let (stats, _, ()) = futures::join!(cerv, ntp, signal);
+        stats
     }
 }

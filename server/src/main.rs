@@ -4,6 +4,7 @@ use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use server::{BindError, Config, Server};
 use service::time::Nanos;
+use service::transport::face::NtpFace;
 use service::transport::limit::RateLimit;
 use service::transport::server::ServerConfig;
 use service::transport::socket::Stamping;
@@ -96,6 +97,19 @@ struct Args {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+
+    /// Also answer NTP (v3 and v4 client requests) on this address,
+    /// host:port; repeat for several. 0.0.0.0:123 in production.
+    #[arg(long = "ntp-listen", value_name = "ADDR")]
+    ntp_listen: Vec<String>,
+
+    /// Serve the clock over NTP as this stratum (1 to 15) even while the
+    /// kernel says it is not synchronised (like chrony's `local stratum`);
+    /// while the kernel says it is, claim this stratum instead of 2.
+    /// Without it an unsynchronised clock is served as such (leap 3,
+    /// stratum 16), and clients will not use it.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=15))]
+    ntp_stratum: Option<u8>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -165,6 +179,12 @@ fn init_logging(format: LogFormat) {
 
 fn config_from(args: &Args) -> Result<Config, Failure> {
     let listen = resolve(&args.listen).map_err(Failure::usage)?;
+    let ntp_listen = args
+        .ntp_listen
+        .iter()
+        .map(|a| resolve(a))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .map_err(Failure::usage)?;
     let non_negative = |d: Nanos, what: &str| {
         if d.is_negative() {
             Err(Failure::usage(anyhow::anyhow!(
@@ -217,6 +237,11 @@ fn config_from(args: &Args) -> Result<Config, Failure> {
             ..ServerConfig::default()
         },
         dispatch: args.dispatch,
+        ntp_listen,
+        ntp: NtpFace {
+            local_stratum: args.ntp_stratum,
+            ..NtpFace::default()
+        },
     })
 }
 
@@ -250,6 +275,20 @@ fn run(args: Args) -> Result<(), Failure> {
             code: 1,
             error: e.into(),
         })?;
+        // The NTP lines come first: a test that waits for "listening on"
+        // then knows every address.
+        for ntp in server.ntp_addrs().map_err(|e| Failure {
+            code: 1,
+            error: e.into(),
+        })? {
+            info!(
+                stratum = config
+                    .ntp
+                    .local_stratum
+                    .map_or("kernel".to_string(), |s| s.to_string()),
+                "answering NTP on {ntp}"
+            );
+        }
         info!(
             offset = %config.offset,
             processing_delay = ?config.processing_delay,

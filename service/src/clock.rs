@@ -71,6 +71,31 @@ pub trait Clock: Send + Sync + fmt::Debug {
     }
 }
 
+/// What the kernel says about the system clock (`adjtimex`, read only):
+/// whether a time daemon keeps it synchronised, a pending leap second,
+/// and the kernel's bound on its error. A server reports these to its
+/// clients, so it must not claim more than the kernel does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelClock {
+    /// Synchronised: `STA_UNSYNC` clear and the state not `TIME_ERROR`
+    /// (chrony, ntpd and fient clear the flag while they discipline the
+    /// clock; it is set at boot and after `maxerror` reaches 16 s).
+    pub synchronized: bool,
+    /// A leap second is announced for the end of the day (`STA_INS` or
+    /// `STA_DEL`).
+    pub leap: crate::ntp::Leap,
+    /// The kernel's maximum error (`maxerror`): set by the daemon, then
+    /// grown by the kernel at 500 ppm until set again.
+    pub max_error: Nanos,
+    /// The kernel's estimated error (`esterror`).
+    pub est_error: Nanos,
+}
+
+/// Reads the kernel's view of the system clock. Needs no privilege.
+pub fn kernel_clock() -> Result<KernelClock, ClockError> {
+    sys::kernel_clock()
+}
+
 /// The fastest a slew corrects: 500 ppm, the kernel's rate for `adjtime`.
 pub const SLEW_RATE_PPB: i64 = 500_000;
 /// The largest frequency correction the kernel takes: ±500 ppm.
@@ -218,6 +243,33 @@ mod sys {
         Ok(tx.freq as i64 * 1_000 / 65_536)
     }
 
+    pub fn kernel_clock() -> Result<super::KernelClock, ClockError> {
+        use crate::ntp::Leap;
+        // SAFETY: `timex` is plain data; zeroed is a valid value.
+        let mut tx: libc::timex = unsafe { std::mem::zeroed() };
+        // SAFETY: `tx` is a valid, initialised timex; modes = 0 only reads.
+        let state = unsafe { libc::adjtimex(&mut tx) };
+        if state == -1 {
+            return Err(ClockError::Os {
+                op: "read the state of",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let leap = if tx.status & libc::STA_INS != 0 {
+            Leap::AddSecond
+        } else if tx.status & libc::STA_DEL != 0 {
+            Leap::DeleteSecond
+        } else {
+            Leap::None
+        };
+        Ok(super::KernelClock {
+            synchronized: state != libc::TIME_ERROR && tx.status & libc::STA_UNSYNC == 0,
+            leap,
+            max_error: Nanos::from_micros(tx.maxerror as i64),
+            est_error: Nanos::from_micros(tx.esterror as i64),
+        })
+    }
+
     pub fn step_realtime(by: Nanos) -> Result<(), ClockError> {
         let nanos = by.as_nanos();
         // ADJ_SETOFFSET with ADJ_NANO takes seconds plus a non-negative
@@ -252,6 +304,11 @@ mod sys {
     use super::ClockError;
     use crate::time::Nanos;
 
+    pub fn kernel_clock() -> Result<super::KernelClock, ClockError> {
+        Err(ClockError::Unsupported {
+            op: "read the state of",
+        })
+    }
     pub fn step_realtime(_by: Nanos) -> Result<(), ClockError> {
         Err(ClockError::Unsupported { op: "step" })
     }

@@ -516,6 +516,74 @@ impl ServerState {
     }
 }
 
+/// The stratum a server claims while the kernel reports its clock
+/// synchronised and the operator has not said otherwise: cerv serves the
+/// kernel's clock and cannot see the upstream of the daemon that
+/// disciplines it, so it claims the common case, a server one hop from a
+/// stratum-1 source.
+pub const DEFAULT_SYNCED_STRATUM: u8 = 2;
+
+impl ServerState {
+    /// What a server on this machine says of its clock, from the kernel's
+    /// view of it (see [`crate::clock::kernel_clock`]) and the operator's
+    /// `local_stratum` (cerv's `--ntp-stratum`, chrony's `local stratum`):
+    ///
+    /// | kernel clock | `local_stratum` | leap | stratum | root dispersion | reference id |
+    /// |---|---|---|---|---|---|
+    /// | synchronised | none | the kernel's | 2 | the kernel's maximum error | 127.127.1.1 |
+    /// | synchronised | N | the kernel's | N | the kernel's maximum error | 127.127.1.1 |
+    /// | unsynchronised | none | 3 (unsynchronised) | 16 | the kernel's maximum error | 0 |
+    /// | unsynchronised | N | none | N | the precision | 127.127.1.1 |
+    ///
+    /// The root delay is zero (the kernel's maximum error already covers
+    /// the whole distance to the reference, as chrony and ntpd set it),
+    /// and the reference time is a second before `now`. An unsynchronised
+    /// clock is served only when the operator says so: clients (chrony,
+    /// ntpd, fient) refuse leap 3 and stratum 16.
+    pub fn serving(
+        kernel: &crate::clock::KernelClock,
+        local_stratum: Option<u8>,
+        precision: i8,
+        now: Timestamp,
+    ) -> ServerState {
+        let reference_time = now.saturating_add(Nanos::from_secs(-1));
+        let base = ServerState {
+            leap: kernel.leap,
+            stratum: local_stratum.unwrap_or(DEFAULT_SYNCED_STRATUM),
+            precision,
+            root_delay: Nanos::ZERO,
+            root_dispersion: kernel.max_error.max(precision_nanos(precision)),
+            reference_id: RefId::LOCAL,
+            reference_time,
+        };
+        match (kernel.synchronized, local_stratum) {
+            (true, _) => base,
+            (false, Some(_)) => ServerState {
+                leap: Leap::None,
+                root_dispersion: precision_nanos(precision),
+                ..base
+            },
+            (false, None) => ServerState {
+                leap: Leap::Unsynchronized,
+                stratum: MAX_STRATUM,
+                reference_id: RefId([0; 4]),
+                reference_time: Timestamp::EPOCH,
+                ..base
+            },
+        }
+    }
+}
+
+/// 2^precision seconds, rounded up to the nanosecond.
+fn precision_nanos(precision: i8) -> Nanos {
+    let p = i32::from(precision).clamp(-40, 30);
+    if p >= 0 {
+        Nanos::from_secs(1i64 << p)
+    } else {
+        Nanos::from_nanos((1_000_000_000u64.div_ceil(1u64 << (-p).min(62)) as i64).max(1))
+    }
+}
+
 /// Writes a mode-4 reply to `request` into `out`: origin echoes the
 /// request's transmit timestamp, receive is `ts2`, transmit `ts3`, poll is
 /// copied, the version is the request's. Returns the length
@@ -1053,6 +1121,50 @@ mod tests {
             }
             .is_synchronized()
         );
+    }
+
+    #[test]
+    fn what_a_server_says_of_its_clock() {
+        use crate::clock::KernelClock;
+        let now = ts(NOW);
+        let synced = KernelClock {
+            synchronized: true,
+            leap: Leap::AddSecond,
+            max_error: Nanos::from_micros(1_500),
+            est_error: Nanos::from_micros(20),
+        };
+        let s = ServerState::serving(&synced, None, -25, now);
+        assert_eq!((s.leap, s.stratum), (Leap::AddSecond, 2));
+        assert_eq!(s.root_distance(), Nanos::from_micros(1_500));
+        assert!(s.is_synchronized());
+        assert_eq!(ServerState::serving(&synced, Some(5), -25, now).stratum, 5);
+
+        let unsynced = KernelClock {
+            synchronized: false,
+            leap: Leap::None,
+            max_error: Nanos::from_secs(16),
+            est_error: Nanos::from_secs(16),
+        };
+        let s = ServerState::serving(&unsynced, None, -25, now);
+        assert_eq!((s.leap, s.stratum), (Leap::Unsynchronized, 16));
+        assert!(!s.is_synchronized());
+        // The operator vouches for it: served, as chrony's `local stratum`.
+        let s = ServerState::serving(&unsynced, Some(3), -25, now);
+        assert_eq!(
+            (s.leap, s.stratum, s.reference_id),
+            (Leap::None, 3, RefId::LOCAL)
+        );
+        assert!(s.is_synchronized());
+        assert_eq!(s.root_dispersion, Nanos::from_nanos(30)); // 2^-25 s
+        assert!(s.reference_time < now);
+    }
+
+    #[test]
+    fn precision_as_a_span() {
+        assert_eq!(precision_nanos(-25), Nanos::from_nanos(30));
+        assert_eq!(precision_nanos(-20), Nanos::from_nanos(954));
+        assert_eq!(precision_nanos(0), Nanos::from_secs(1));
+        assert_eq!(precision_nanos(-128), Nanos::from_nanos(1));
     }
 
     proptest! {

@@ -4,6 +4,7 @@
 //!   pair a tarpc client runs on.
 //! - [`server`]: one socket shared by all clients; a reader demultiplexes
 //!   datagrams by peer address into one tarpc channel per peer.
+//! - [`face`]: what a server socket speaks, cerv's wire or NTP.
 //!
 //! Both sides follow the same rule: anything the network can do (garbage,
 //! loss, ICMP errors, a full queue) is dropped and counted, never turned
@@ -11,6 +12,7 @@
 
 pub mod batch;
 pub mod client;
+pub mod face;
 pub mod limit;
 pub mod server;
 pub mod socket;

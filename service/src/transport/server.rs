@@ -36,17 +36,16 @@
 //! taken just before the replies leave, however many there are.
 
 use super::batch::{BATCH, RecvBatch, SendBatch};
+use super::face::{self, Face, Inbound, NtpState, ReplyAs};
 use super::limit::{DEFAULT_SLOTS, Limiter, RateLimit};
-use super::socket::{Arrival, Stamping, enable_timestamps};
+use super::socket::{Stamping, enable_timestamps};
 use super::{Counter, is_transient};
 use crate::auth::Keys;
 use crate::clock::Clock;
+use crate::ntp::{self, RefId};
 use crate::rpc::{TimeServiceRequest, TimeServiceResponse};
 use crate::time::Timestamp;
-use crate::wire::{
-    self, Authenticated, Call, ClientFrame, DecodeError, ErrorCode, MAX_REPLY_LEN, Reply,
-    ServerFrame,
-};
+use crate::wire::{self, Call, ClientFrame, ErrorCode, MAX_REPLY_LEN, Reply, ServerFrame};
 use futures::{Sink, Stream, StreamExt};
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -91,6 +90,8 @@ pub struct ServerConfig {
     /// How often the counters are logged (when they changed); zero: never,
     /// only at shutdown.
     pub stats_interval: Duration,
+    /// The protocol the socket answers.
+    pub face: Face,
 }
 
 impl Default for ServerConfig {
@@ -105,6 +106,7 @@ impl Default for ServerConfig {
             keys: None,
             rate_limit: RateLimit::default(),
             stats_interval: Duration::from_secs(60),
+            face: Face::Cerv,
         }
     }
 }
@@ -140,28 +142,45 @@ pub struct ServerStats {
     pub peers_created: Counter,
     /// Peers evicted for being idle.
     pub peers_evicted: Counter,
+    /// NTP control (mode 6) and private (mode 7) queries, never answered.
+    pub control: Counter,
+    /// NTP packets of another mode than a client request.
+    pub wrong_mode: Counter,
+    /// NTP packets of a version other than 3 or 4.
+    pub bad_version: Counter,
+    /// NTP requests with a legacy symmetric-key MAC (not supported).
+    pub mac: Counter,
+    /// Kiss-o'-Death RATE replies sent to rate-limited NTP clients.
+    pub kiss_sent: Counter,
+    /// Rate-limited NTP requests that got no Kiss-o'-Death either (the
+    /// kisses are rate limited too).
+    pub kiss_suppressed: Counter,
 }
 
 impl ServerStats {
     /// Every datagram dropped for any reason.
     pub fn dropped(&self) -> u64 {
-        self.oversized.get()
-            + self.unpadded.get()
-            + self.malformed.get()
-            + self.auth_failed.get()
-            + self.rate_limited.get()
-            + self.queue_full.get()
-            + self.table_full.get()
-            + self.stray.get()
+        self.drops().iter().map(|(_, n)| n).sum()
     }
 
-    fn count_decode_error(&self, e: DecodeError) {
-        match e {
-            DecodeError::Oversized => self.oversized.incr(),
-            DecodeError::Unpadded => self.unpadded.incr(),
-            DecodeError::Auth(_) => self.auth_failed.incr(),
-            _ => self.malformed.incr(),
-        }
+    /// Each reason a datagram was dropped, with its count (zeros
+    /// included), in a fixed order.
+    pub fn drops(&self) -> [(&'static str, u64); 13] {
+        [
+            ("oversized", self.oversized.get()),
+            ("unpadded", self.unpadded.get()),
+            ("malformed", self.malformed.get()),
+            ("auth failed", self.auth_failed.get()),
+            ("rate limited", self.rate_limited.get()),
+            ("queue full", self.queue_full.get()),
+            ("table full", self.table_full.get()),
+            ("stray", self.stray.get()),
+            ("control query", self.control.get()),
+            ("wrong mode", self.wrong_mode.get()),
+            ("bad version", self.bad_version.get()),
+            ("mac", self.mac.get()),
+            ("send failed", self.send_failed.get()),
+        ]
     }
 }
 
@@ -178,21 +197,17 @@ impl fmt::Display for ServerStats {
         if self.peers_created.get() > 0 {
             write!(f, ", peers {}", self.peers_created.get())?;
         }
-        let drops = [
-            ("oversized", &self.oversized),
-            ("unpadded", &self.unpadded),
-            ("malformed", &self.malformed),
-            ("auth failed", &self.auth_failed),
-            ("rate limited", &self.rate_limited),
-            ("queue full", &self.queue_full),
-            ("table full", &self.table_full),
-            ("stray", &self.stray),
-            ("send failed", &self.send_failed),
-            ("recv failed", &self.recv_failed),
-        ];
+        if self.kiss_sent.get() > 0 {
+            write!(f, ", kiss-o'-death sent {}", self.kiss_sent.get())?;
+        }
         let mut first = true;
-        for (name, counter) in drops {
-            let n = counter.get();
+        let recv_failed = ("recv failed", self.recv_failed.get());
+        let kiss_suppressed = ("kiss suppressed", self.kiss_suppressed.get());
+        for (name, n) in self
+            .drops()
+            .into_iter()
+            .chain([recv_failed, kiss_suppressed])
+        {
             if n > 0 {
                 f.write_str(if first { "; dropped: " } else { ", " })?;
                 first = false;
@@ -203,25 +218,26 @@ impl fmt::Display for ServerStats {
     }
 }
 
-/// A decoded datagram on its way to a peer's channel.
-struct Inbound {
-    frame: ClientFrame,
-    received: Timestamp,
-    auth: Option<Authenticated>,
-}
-
 /// A reply on its way to the writer; its send time is stamped there.
 struct Outgoing {
     to: SocketAddr,
     id: u64,
     reply: PendingReply,
-    auth: Option<Authenticated>,
+    reply_as: ReplyAs,
 }
 
 enum PendingReply {
-    Probe { ts1: Timestamp, ts2: Timestamp },
+    Probe {
+        ts1: Timestamp,
+        ts2: Timestamp,
+    },
     Now,
-    Error { code: ErrorCode, detail: String },
+    Error {
+        code: ErrorCode,
+        detail: String,
+    },
+    /// A Kiss-o'-Death (NTP only).
+    Kiss(RefId),
 }
 
 /// Replies waiting to be sent, from every peer.
@@ -267,7 +283,7 @@ pub struct PeerTransport {
     stats: Arc<ServerStats>,
     context: tarpc::context::Context,
     /// When each request in flight arrived (its ts2), and its tag.
-    arrivals: [Option<(u64, Timestamp, Option<Authenticated>)>; ARRIVALS],
+    arrivals: [Option<(u64, Timestamp, ReplyAs)>; ARRIVALS],
     max_in_flight: usize,
     has_keys: bool,
 }
@@ -285,7 +301,7 @@ impl PeerTransport {
         match inbound.frame {
             ClientFrame::Request { id, deadline, call } => {
                 self.arrivals[(id % ARRIVALS as u64) as usize] =
-                    Some((id, inbound.received, inbound.auth));
+                    Some((id, inbound.received, inbound.reply_as));
                 let message = match call {
                     Call::Probe { ts1 } => TimeServiceRequest::Probe { ts1 },
                     Call::Now => TimeServiceRequest::Now {},
@@ -312,7 +328,7 @@ impl PeerTransport {
     fn send(&mut self, response: Response<TimeServiceResponse>) {
         let id = response.request_id;
         let slot = &mut self.arrivals[(id % ARRIVALS as u64) as usize];
-        let Some((_, arrival, auth)) = slot.filter(|(sid, ..)| *sid == id) else {
+        let Some((_, arrival, reply_as)) = slot.filter(|(sid, ..)| *sid == id) else {
             // The request's record was overwritten by later ones (more than
             // ARRIVALS in flight): its tag is gone, so an authenticated
             // reply cannot be made; an untagged one goes out with the
@@ -326,7 +342,7 @@ impl PeerTransport {
                         to: self.peer,
                         id,
                         reply,
-                        auth: None,
+                        reply_as: ReplyAs::Cerv(None),
                     },
                     &self.stats,
                 );
@@ -340,7 +356,7 @@ impl PeerTransport {
                 to: self.peer,
                 id,
                 reply,
-                auth,
+                reply_as,
             },
             &self.stats,
         );
@@ -457,10 +473,15 @@ async fn write_replies(
     clock: Arc<dyn Clock>,
     stats: Arc<ServerStats>,
     keys: Option<Arc<Keys>>,
+    face: Face,
 ) {
     let fd = socket.as_raw_fd();
     let mut taken = Vec::with_capacity(BATCH);
     let mut batch = SendBatch::default();
+    let mut ntp_state = match face {
+        Face::Ntp(ntp) => Some(NtpState::new(ntp)),
+        Face::Cerv => None,
+    };
     loop {
         taken.clear();
         outbox.take(&mut taken);
@@ -475,32 +496,20 @@ async fn write_replies(
         let now = clock.now();
         batch.clear();
         for out in taken.drain(..) {
-            let reply = match out.reply {
-                PendingReply::Probe { ts1, ts2 } => Reply::Probe { ts1, ts2, ts3: now },
-                PendingReply::Now => Reply::Now { time: now },
-                PendingReply::Error { code, detail } => Reply::Error { code, detail },
-            };
-            let frame = ServerFrame { id: out.id, reply };
-            // The request was tagged with one of our keys (or decoding it
-            // would have failed), and its reply is tagged with the same.
-            let auth = match (out.auth, keys.as_deref()) {
-                (Some(a), Some(keys)) => keys.get(a.key_id).map(|key| (key, a.tag)),
-                _ => None,
-            };
-            // Every request was at least MIN_REQUEST_LEN bytes (plus the
-            // trailer, when tagged) and a reply is cut to MAX_REPLY_LEN
-            // (plus the trailer), so it is never larger than what caused it.
-            batch.push(out.to, |buf| {
-                let len = match &auth {
-                    Some((key, tag)) => wire::encode_server(&frame, buf, Some((key, tag))),
-                    None => wire::encode_server(&frame, &mut buf[..MAX_REPLY_LEN], None),
-                };
-                if len.is_none() {
-                    warn!(id = frame.id, "reply does not fit its request; dropped");
-                    stats.send_failed.incr();
+            let to = out.to;
+            match out.reply_as {
+                ReplyAs::Cerv(auth) => {
+                    let auth = auth.zip(keys.as_deref());
+                    batch.push(to, |buf| encode_cerv(out, now, auth, buf, &stats));
                 }
-                len
-            });
+                ReplyAs::Ntp(request) => {
+                    let Some(state) = ntp_state.as_mut() else {
+                        continue;
+                    };
+                    let state = state.current(now);
+                    batch.push(to, |buf| encode_ntp(&request, out.reply, state, now, buf));
+                }
+            }
         }
         let mut start = 0;
         while start < batch.len() {
@@ -524,6 +533,59 @@ async fn write_replies(
     }
 }
 
+/// Encodes a cerv reply, tagged with the key its request used, bound to
+/// the request's tag. Every request was at least `MIN_REQUEST_LEN` bytes
+/// (plus the trailer, when tagged) and a reply is cut to `MAX_REPLY_LEN`
+/// (plus the trailer), so it is never larger than what caused it.
+fn encode_cerv(
+    out: Outgoing,
+    now: Timestamp,
+    auth: Option<(wire::Authenticated, &Keys)>,
+    buf: &mut [u8],
+    stats: &ServerStats,
+) -> Option<usize> {
+    let reply = match out.reply {
+        PendingReply::Probe { ts1, ts2 } => Reply::Probe { ts1, ts2, ts3: now },
+        PendingReply::Now => Reply::Now { time: now },
+        PendingReply::Error { code, detail } => Reply::Error { code, detail },
+        PendingReply::Kiss(_) => return None,
+    };
+    let frame = ServerFrame { id: out.id, reply };
+    // The request was tagged with one of our keys (or decoding it would
+    // have failed), and its reply is tagged with the same.
+    let key = auth.and_then(|(a, keys)| keys.get(a.key_id).map(|key| (key, a.tag)));
+    let len = match &key {
+        Some((key, tag)) => wire::encode_server(&frame, buf, Some((key, tag))),
+        None => wire::encode_server(&frame, &mut buf[..MAX_REPLY_LEN], None),
+    };
+    if len.is_none() {
+        warn!(id = frame.id, "reply does not fit its request; dropped");
+        stats.send_failed.incr();
+    }
+    len
+}
+
+/// Encodes an NTP reply: 48 bytes, never more than the request. A busy
+/// server (too many requests waiting) answers with a Kiss-o'-Death RATE;
+/// other errors have no NTP form and are dropped.
+fn encode_ntp(
+    request: &ntp::Header,
+    reply: PendingReply,
+    state: &ntp::ServerState,
+    now: Timestamp,
+    buf: &mut [u8],
+) -> Option<usize> {
+    match reply {
+        PendingReply::Probe { ts2, .. } => Some(ntp::write_reply(request, state, ts2, now, buf)),
+        PendingReply::Kiss(code) => Some(ntp::write_kiss(request, code, buf)),
+        PendingReply::Error {
+            code: ErrorCode::Busy,
+            ..
+        } => Some(ntp::write_kiss(request, RefId::RATE, buf)),
+        PendingReply::Now | PendingReply::Error { .. } => None,
+    }
+}
+
 /// A tarpc server on one UDP socket.
 pub struct UdpServer {
     socket: Arc<UdpSocket>,
@@ -539,41 +601,6 @@ struct Peer {
 
 /// How often idle peers are looked for.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
-
-/// Checks and decodes one datagram; counts and drops what is not a valid
-/// client datagram.
-fn decode(
-    stats: &ServerStats,
-    clock: &dyn Clock,
-    keys: Option<&Keys>,
-    bytes: &[u8],
-    arrival: &Arrival,
-) -> Option<(SocketAddr, Inbound)> {
-    let Some(from) = arrival.from else {
-        stats.malformed.incr();
-        return None;
-    };
-    let decoded = if arrival.truncated {
-        Err(DecodeError::Oversized)
-    } else {
-        wire::decode_client(bytes, keys)
-    };
-    match decoded {
-        Ok((frame, auth)) => Some((
-            from,
-            Inbound {
-                frame,
-                received: arrival.time_on(clock),
-                auth,
-            },
-        )),
-        Err(reason) => {
-            stats.count_decode_error(reason);
-            debug!(peer = %from, len = bytes.len(), %reason, "dropping datagram");
-            None
-        }
-    }
-}
 
 /// What the reader does with each decoded datagram.
 trait Dispatch {
@@ -724,7 +751,7 @@ impl<H> Inline<H> {
                 to,
                 id,
                 reply: pending_reply(message, Some(inbound.received)),
-                auth: inbound.auth,
+                reply_as: inbound.reply_as,
             },
             &self.stats,
         );
@@ -778,7 +805,7 @@ where
         let outbox = self.outbox.clone();
         let stats = self.stats.clone();
         let received = inbound.received;
-        let auth = inbound.auth;
+        let reply_as = inbound.reply_as;
         let handle = self.pending.spawn(async move {
             // Past its deadline the client has stopped waiting: no answer.
             if let Ok(message) = tokio::time::timeout_at(deadline.into(), handler).await {
@@ -787,7 +814,7 @@ where
                         to: from,
                         id,
                         reply: pending_reply(message, Some(received)),
-                        auth,
+                        reply_as,
                     },
                     &stats,
                 );
@@ -954,6 +981,7 @@ impl UdpServer {
             self.clock.clone(),
             self.stats.clone(),
             self.config.keys.clone(),
+            self.config.face.clone(),
         ));
         let mut batch = RecvBatch::default();
         let fd = self.socket.as_raw_fd();
@@ -961,6 +989,14 @@ impl UdpServer {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tick: u64 = 0;
         let mut limiter = Limiter::new(self.config.rate_limit, DEFAULT_SLOTS);
+        // The kisses sent to rate-limited NTP clients are limited too, per
+        // source, in a smaller table.
+        let mut kiss_limiter = match &self.config.face {
+            Face::Ntp(ntp) => Limiter::new(ntp.kiss_limit, DEFAULT_SLOTS / 16),
+            Face::Cerv => Limiter::new(RateLimit::OFF, 0),
+        };
+        let face = self.config.face.clone();
+        let mut next_id = 0u64;
         let started = Instant::now();
         let mut last_log = (started, 0u64);
         tokio::pin!(shutdown);
@@ -990,14 +1026,29 @@ impl UdpServer {
                                     && !limiter.allow(from.ip(), now)
                                 {
                                     self.stats.rate_limited.incr();
+                                    if let Some(request) = face::kiss_candidate(&face, bytes) {
+                                        if kiss_limiter.allow(from.ip(), now) {
+                                            self.stats.kiss_sent.incr();
+                                            outbox.push(Outgoing {
+                                                to: from,
+                                                id: 0,
+                                                reply: PendingReply::Kiss(face::RATE_KISS),
+                                                reply_as: ReplyAs::Ntp(request),
+                                            }, &self.stats);
+                                        } else {
+                                            self.stats.kiss_suppressed.incr();
+                                        }
+                                    }
                                     continue;
                                 }
-                                if let Some((from, inbound)) = decode(
+                                if let Some((from, inbound)) = face::decode(
+                                    &face,
                                     &self.stats,
                                     &*self.clock,
                                     self.config.keys.as_deref(),
                                     bytes,
                                     arrival,
+                                    &mut next_id,
                                 ) {
                                     dispatch.dispatch(from, inbound, tick);
                                 }

@@ -1,0 +1,225 @@
+//! What a listening socket speaks: cerv's own wire ([`crate::wire`]) or
+//! NTP ([`crate::ntp`]). Both faces share the server's machinery (batched
+//! reads with kernel arrival stamps, rate limiting, the handlers of
+//! [`crate::rpc::TimeService`], the writer that stamps ts3 last); this
+//! module holds only what differs: how a datagram becomes a request, and
+//! how an answer becomes a datagram.
+//!
+//! An NTP request becomes a `probe` call like any other: its ts2 is the
+//! kernel's arrival stamp, its ts3 is read by the writer just before the
+//! reply leaves, and the reply echoes the request's transmit timestamp as
+//! its origin.
+
+use super::limit::RateLimit;
+use super::server::ServerStats;
+use super::socket::Arrival;
+use crate::auth::Keys;
+use crate::clock::{self, Clock};
+use crate::ntp::{self, PacketError, RefId, ServerState};
+use crate::time::Timestamp;
+use crate::wire::{self, Authenticated, Call, ClientFrame, DecodeError};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tracing::debug;
+
+/// The protocol a server socket answers.
+#[derive(Clone, Debug, Default)]
+pub enum Face {
+    /// cerv's wire: tarpc `probe` and `now` calls (see `docs/PROTOCOL.md`).
+    #[default]
+    Cerv,
+    /// NTPv4 and v3 client requests (mode 3), answered in mode 4.
+    Ntp(NtpFace),
+}
+
+/// How the NTP face describes and protects the server's clock.
+#[derive(Clone, Debug)]
+pub struct NtpFace {
+    /// Serve an unsynchronised clock as this stratum (`--ntp-stratum`,
+    /// chrony's `local stratum`); `None`: while the kernel says the clock
+    /// is unsynchronised, tell clients so (leap 3, stratum 16).
+    pub local_stratum: Option<u8>,
+    /// log2 of the clock's precision, in seconds (measured at start).
+    pub precision: i8,
+    /// Kiss-o'-Death RATE replies to a rate-limited source: at most this
+    /// many, so that a spoofed flood cannot turn them into a flood of
+    /// their own toward the victim.
+    pub kiss_limit: RateLimit,
+}
+
+impl Default for NtpFace {
+    fn default() -> Self {
+        NtpFace {
+            local_stratum: None,
+            precision: -20,
+            kiss_limit: RateLimit { rate: 1, burst: 2 },
+        }
+    }
+}
+
+/// What a reply needs of its request, by wire.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ReplyAs {
+    /// A cerv reply, tagged like its request (if it was).
+    Cerv(Option<Authenticated>),
+    /// An NTP reply to this request header (its version, poll and
+    /// transmit timestamp are echoed).
+    Ntp(ntp::Header),
+}
+
+/// A decoded datagram on its way to the handlers.
+pub(crate) struct Inbound {
+    pub frame: ClientFrame,
+    pub received: Timestamp,
+    pub reply_as: ReplyAs,
+}
+
+/// How long an NTP client waits for its answer: no NTP client gives a
+/// server less than a second.
+const NTP_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Checks and decodes one datagram; counts and drops what is not a valid
+/// request of this face. `next_id` numbers NTP requests, which carry no
+/// id of their own, so the dispatch can tell them apart.
+pub(crate) fn decode(
+    face: &Face,
+    stats: &ServerStats,
+    clock: &dyn Clock,
+    keys: Option<&Keys>,
+    bytes: &[u8],
+    arrival: &Arrival,
+    next_id: &mut u64,
+) -> Option<(SocketAddr, Inbound)> {
+    let Some(from) = arrival.from else {
+        stats.malformed.incr();
+        return None;
+    };
+    if arrival.truncated {
+        stats.oversized.incr();
+        return None;
+    }
+    match face {
+        Face::Cerv => match wire::decode_client(bytes, keys) {
+            Ok((frame, auth)) => Some((
+                from,
+                Inbound {
+                    frame,
+                    received: arrival.time_on(clock),
+                    reply_as: ReplyAs::Cerv(auth),
+                },
+            )),
+            Err(reason) => {
+                count_cerv_error(stats, reason);
+                debug!(peer = %from, len = bytes.len(), %reason, "dropping datagram");
+                None
+            }
+        },
+        Face::Ntp(_) => match ntp::parse_request(bytes) {
+            Ok(request) => {
+                // Unknown extension fields are ignored (RFC 7822): the
+                // reply is a plain 48-byte one, no larger than the request.
+                *next_id = next_id.wrapping_add(1);
+                Some((
+                    from,
+                    Inbound {
+                        frame: ClientFrame::Request {
+                            id: *next_id,
+                            deadline: NTP_DEADLINE,
+                            call: Call::Probe {
+                                ts1: Timestamp::EPOCH,
+                            },
+                        },
+                        received: arrival.time_on(clock),
+                        reply_as: ReplyAs::Ntp(request.header),
+                    },
+                ))
+            }
+            Err(reason) => {
+                count_ntp_error(stats, reason);
+                debug!(peer = %from, len = bytes.len(), %reason, "dropping NTP datagram");
+                None
+            }
+        },
+    }
+}
+
+fn count_cerv_error(stats: &ServerStats, e: DecodeError) {
+    match e {
+        DecodeError::Oversized => stats.oversized.incr(),
+        DecodeError::Unpadded => stats.unpadded.incr(),
+        DecodeError::Auth(_) => stats.auth_failed.incr(),
+        _ => stats.malformed.incr(),
+    }
+}
+
+fn count_ntp_error(stats: &ServerStats, e: PacketError) {
+    match e {
+        PacketError::TooShort(_) => stats.unpadded.incr(),
+        PacketError::Control(_) => stats.control.incr(),
+        PacketError::Mode(_) => stats.wrong_mode.incr(),
+        PacketError::Version(_) => stats.bad_version.incr(),
+        PacketError::Mac => stats.mac.incr(),
+        PacketError::Malformed(_) => stats.malformed.incr(),
+    }
+}
+
+/// The header of a rate-limited datagram, if it is an NTP client request
+/// worth a Kiss-o'-Death (anything else is dropped without a word).
+pub(crate) fn kiss_candidate(face: &Face, bytes: &[u8]) -> Option<ntp::Header> {
+    match face {
+        Face::Ntp(_) => ntp::parse_request(bytes).ok().map(|r| r.header),
+        Face::Cerv => None,
+    }
+}
+
+/// The server's account of its clock for NTP replies, refreshed from the
+/// kernel once a second by the writer.
+pub(crate) struct NtpState {
+    face: NtpFace,
+    current: ServerState,
+    refreshed: Option<Instant>,
+}
+
+/// How often the kernel's view of the clock is read again.
+const REFRESH: Duration = Duration::from_secs(1);
+
+impl NtpState {
+    pub fn new(face: NtpFace) -> Self {
+        NtpState {
+            current: ServerState::serving(
+                &unsynchronized(),
+                face.local_stratum,
+                face.precision,
+                Timestamp::EPOCH,
+            ),
+            face,
+            refreshed: None,
+        }
+    }
+
+    /// The state to put in replies sent at `now` (on the server's clock).
+    pub fn current(&mut self, now: Timestamp) -> &ServerState {
+        if self.refreshed.is_none_or(|at| at.elapsed() >= REFRESH) {
+            let kernel = clock::kernel_clock().unwrap_or_else(|e| {
+                debug!(error = %e, "cannot read the kernel clock state; serving as unsynchronised");
+                unsynchronized()
+            });
+            self.current =
+                ServerState::serving(&kernel, self.face.local_stratum, self.face.precision, now);
+            self.refreshed = Some(Instant::now());
+        }
+        &self.current
+    }
+}
+
+fn unsynchronized() -> clock::KernelClock {
+    clock::KernelClock {
+        synchronized: false,
+        leap: ntp::Leap::None,
+        max_error: crate::time::Nanos::from_secs(16),
+        est_error: crate::time::Nanos::from_secs(16),
+    }
+}
+
+/// The Kiss-o'-Death sent to a rate-limited NTP client.
+pub(crate) const RATE_KISS: RefId = RefId::RATE;
