@@ -3,6 +3,7 @@
 //! - [`time`]: [`Timestamp`] and [`Nanos`], integer nanoseconds.
 //! - [`clock`]: the [`Clock`] seam, with the system clock and test clocks.
 //! - [`sync`]: the clock math, pure: samples, offsets, honest error bounds.
+//! - [`select`]: choosing among several sources (majority, truechimers) and combining them, pure.
 //! - [`discipline`]: keeping a clock right over time (step, slew, frequency), pure.
 //! - [`rpc`]: the tarpc service trait, [`TimeService`].
 //! - [`wire`]: the datagram format, decoded and validated.
@@ -19,6 +20,7 @@ pub mod clock;
 pub mod discipline;
 pub mod ntp;
 pub mod rpc;
+pub mod select;
 pub mod signals;
 pub mod sync;
 pub mod synced;

@@ -357,7 +357,7 @@ impl Interval {
 }
 
 /// Division rounding half away from zero (exact for even sums).
-fn div_round(n: i128, d: i128) -> i128 {
+pub(crate) fn div_round(n: i128, d: i128) -> i128 {
     let q = n / d;
     let r = n % d;
     if 2 * r.abs() >= d.abs() {
@@ -369,7 +369,7 @@ fn div_round(n: i128, d: i128) -> i128 {
 
 /// `ceil(age * ppm / 1e6)`: the most two clocks drifting apart at `ppm`
 /// can separate in `age`.
-fn drift_allowance(age: i128, ppm: u32) -> i128 {
+pub(crate) fn drift_allowance(age: i128, ppm: u32) -> i128 {
     let num = age.max(0) * i128::from(ppm);
     (num + 999_999) / 1_000_000
 }
