@@ -122,6 +122,8 @@ pub struct Cerv {
     child: Child,
     /// The address it listens on.
     pub addr: SocketAddr,
+    /// The addresses it answers NTP on (`--ntp-listen`), in order.
+    pub ntp_addrs: Vec<SocketAddr>,
     log: Arc<Mutex<String>>,
     log_reader: Option<thread::JoinHandle<()>>,
 }
@@ -151,15 +153,22 @@ impl Cerv {
             let log = log.clone();
             thread::spawn(move || {
                 let mut ready = Some(ready_tx);
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Some(addr) = line
-                        .split("listening on ")
+                let mut ntp = Vec::new();
+                let addr_after = |line: &str, marker: &str| {
+                    line.split(marker)
                         .nth(1)
                         .and_then(|rest| rest.split_whitespace().next())
                         .and_then(|a| a.parse::<SocketAddr>().ok())
+                };
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    // cerv logs its NTP addresses before "listening on".
+                    if let Some(addr) = addr_after(&line, "answering NTP on ") {
+                        ntp.push(addr);
+                    }
+                    if let Some(addr) = addr_after(&line, "listening on ")
                         && let Some(tx) = ready.take()
                     {
-                        let _ = tx.send(addr);
+                        let _ = tx.send((addr, std::mem::take(&mut ntp)));
                     }
                     if let Ok(mut l) = log.lock() {
                         l.push_str(&line);
@@ -168,8 +177,8 @@ impl Cerv {
                 }
             })
         };
-        let addr = match ready_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(addr) => addr,
+        let (addr, ntp_addrs) = match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(addrs) => addrs,
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -183,6 +192,7 @@ impl Cerv {
         Cerv {
             child,
             addr,
+            ntp_addrs,
             log,
             log_reader: Some(log_reader),
         }
@@ -191,6 +201,15 @@ impl Cerv {
     /// The address as `host:port`, for fient's command line.
     pub fn target(&self) -> String {
         self.addr.to_string()
+    }
+
+    /// The first NTP address as `ntp://host:port`, for fient's command
+    /// line.
+    pub fn ntp_target(&self) -> String {
+        format!(
+            "ntp://{}",
+            self.ntp_addrs.first().expect("cerv has no --ntp-listen")
+        )
     }
 
     /// The process id.

@@ -7,6 +7,8 @@
 //!   this kernel has no `netem`.
 //!
 //! - [`load`]: a load generator and the UDP echo server it compares with.
+//! - [`peers`]: programs no one here wrote (ntpdig, chronyd, libfaketime,
+//!   promtool), found or skipped, and chronyd run safely.
 //!
 //! Binaries: `relay` (run the relay by hand), `lab` (the accuracy
 //! benchmark) and `cerv-bench` (the speed benchmark).
@@ -14,6 +16,7 @@
 pub mod accuracy;
 pub mod harness;
 pub mod load;
+pub mod peers;
 pub mod plot;
 pub mod relay;
 pub mod scenario;

@@ -2,8 +2,8 @@
 
 use clap::Parser;
 use service::auth::{Key, KeyFileError, Keys};
-use service::client::{GIVE_UP_AFTER, SyncOptions};
 use service::discipline::DisciplineConfig;
+use service::source::{AddressError, GIVE_UP_AFTER, SourceSpec, SyncOptions, Wire};
 use service::sync::{Estimator, SyncParams};
 use service::time::Nanos;
 use service::transport::socket::Stamping;
@@ -29,7 +29,8 @@ Exit codes:
 #[derive(Parser, Debug, Clone)]
 #[command(name = "fient", version, after_help = AFTER_HELP)]
 pub struct Args {
-    /// The server, host[:port] (port 8081 if left out).
+    /// The server: host[:port] or cerv://host[:port] for cerv's wire (port
+    /// 8081 if left out), ntp://host[:port] for NTP (port 123).
     #[arg(default_value = "127.0.0.1:8081", value_name = "SERVER")]
     pub server: String,
 
@@ -135,7 +136,9 @@ pub enum Correction {
 #[derive(Debug, Clone)]
 pub struct Plan {
     /// The server as typed; resolved when the sync starts.
-    pub server: String,
+    pub server: SourceSpec,
+    /// log2 of the interval between syncs, as NTP requests announce it.
+    pub poll: i8,
     /// How to sync.
     pub options: SyncOptions,
     /// Render JSON.
@@ -173,6 +176,17 @@ pub enum UsageError {
     /// --key-id names no key of the file.
     #[error("invalid --key-id '{0}': no such key in the key file")]
     NoSuchKey(u32),
+    /// A source that does not parse.
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    /// An option that does not apply to the source's wire.
+    #[error("{option} works with cerv's wire only, not with {wire}:// sources")]
+    WrongWire {
+        /// The option.
+        option: &'static str,
+        /// The source's wire.
+        wire: Wire,
+    },
 }
 
 impl Args {
@@ -206,6 +220,13 @@ impl Args {
                 self.min_transfer.to_string(),
                 "must not be negative",
             ));
+        }
+        let server: SourceSpec = self.server.parse()?;
+        if server.wire != Wire::Cerv && self.key_file.is_some() {
+            return Err(UsageError::WrongWire {
+                option: "--key-file",
+                wire: server.wire,
+            });
         }
         let key = match &self.key_file {
             None => None,
@@ -258,7 +279,8 @@ impl Args {
             discipline,
             watch,
             count: self.count,
-            server: self.server.clone(),
+            server,
+            poll: poll_of(watch),
             options: SyncOptions {
                 probes: self.probes,
                 timeout: self.timeout.unsigned_duration(),
@@ -285,6 +307,15 @@ fn warn_if_readable_by_others(path: &std::path::Path) {
     }
 }
 
+/// log2 of the poll interval in seconds, for NTP requests: that of
+/// `--watch`, or 6 (64 s, NTP's usual minimum) for a one-shot sync.
+fn poll_of(watch: Option<Duration>) -> i8 {
+    match watch {
+        None => 6,
+        Some(w) => (63 - w.as_secs().max(1).leading_zeros()) as i8,
+    }
+}
+
 /// The longest a no-answer takes to be reported for these options.
 pub fn give_up_within(options: &SyncOptions) -> Duration {
     options.timeout * GIVE_UP_AFTER
@@ -304,7 +335,8 @@ mod tests {
     #[test]
     fn defaults() {
         let plan = parse(&[]).unwrap();
-        assert_eq!(plan.server, "127.0.0.1:8081");
+        assert_eq!(plan.server.to_string(), "127.0.0.1:8081");
+        assert_eq!(plan.poll, 6);
         assert_eq!(plan.options.probes, 5);
         assert_eq!(plan.options.timeout, Duration::from_millis(500));
         assert_eq!(plan.options.estimator, Estimator::MidMedian);
@@ -328,7 +360,7 @@ mod tests {
             "--set",
         ])
         .unwrap();
-        assert_eq!(plan.server, "[::1]:9");
+        assert_eq!(plan.server.to_string(), "[::1]:9");
         assert_eq!(plan.options.probes, 9);
         assert_eq!(plan.options.timeout, Duration::from_millis(1500));
         assert_eq!(plan.options.retries, 0);
@@ -352,6 +384,11 @@ mod tests {
             (&["--set", "--watch", "1s"][..], "cannot be used with"),
             (&["--count", "3"][..], "--watch"),
             (&["--force"][..], "--slew"),
+            (&["ftp://x"][..], "unknown scheme 'ftp://'"),
+            (
+                &["ntp://127.0.0.1", "--key-file", "/dev/null"][..],
+                "--key-file works with cerv's wire only",
+            ),
         ] {
             let err = parse(args).unwrap_err();
             assert!(err.contains(needle), "{args:?}: {err}");

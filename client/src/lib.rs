@@ -2,22 +2,18 @@
 //! [`run`].
 //!
 //! - [`cli`]: the command line, validated into a [`cli::Plan`].
-//! - [`address`]: turning `host[:port]` into a socket address, with errors
-//!   that name the input.
 //! - [`report`]: the human and `--json` renderings of one sync.
 //! - [`watch`]: `--watch`, a sync every interval, and with `--slew` the
 //!   discipline of the clock.
 //! - [`Exit`]: the exit codes, decided in one place.
 
-pub mod address;
 pub mod cli;
 pub mod report;
 pub mod watch;
 
-use service::client::{SyncError, TimeClient};
 use service::clock::{Clock, ClockError, SystemClock};
 use service::discipline;
-use service::transport::client::ClientOptions;
+use service::source::{Source, SourceOptions, SourceSpec, SyncError};
 use std::io::Write;
 use std::sync::Arc;
 
@@ -100,27 +96,26 @@ fn clock_failure(e: ClockError) -> Failure {
     }
 }
 
-/// Resolves the server and opens the connection.
-async fn connect(
-    plan: &cli::Plan,
-    clock: Arc<dyn Clock>,
-) -> Result<(std::net::SocketAddr, TimeClient), Failure> {
-    let server = address::resolve(&plan.server)
+/// Resolves the server and opens the source.
+async fn connect(plan: &cli::Plan, clock: Arc<dyn Clock>) -> Result<Source, Failure> {
+    let spec: &SourceSpec = &plan.server;
+    let server = spec
+        .resolve()
         .await
         .map_err(|e| Failure::new(Exit::Usage, e))?;
-    let options = ClientOptions {
+    let options = SourceOptions {
         stamping: plan.stamping,
         key: plan.key.clone(),
+        poll: plan.poll,
     };
-    let client = TimeClient::connect_with(server, clock, options)
+    Source::open(spec.clone(), server, clock, options)
         .await
         .map_err(|e| {
             Failure::new(
                 Exit::NoAnswer,
                 anyhow::anyhow!("cannot open a socket toward {server}: {e}"),
             )
-        })?;
-    Ok((server, client))
+        })
 }
 
 /// Runs one invocation against `clock`, writing results to `out`: one
@@ -132,15 +127,15 @@ pub async fn run(
     out: &mut (dyn Write + Send),
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Failure> {
-    let (server, client) = connect(plan, clock.clone()).await?;
+    let source = connect(plan, clock.clone()).await?;
     if let Some(interval) = plan.watch {
-        return watch::run(plan, &client, clock, interval, out, shutdown).await;
+        return watch::run(plan, &source, clock, interval, out, shutdown).await;
     }
-    let report = match client.sync(&plan.options).await {
+    let report = match source.sync(&plan.options).await {
         Ok(report) => report,
         Err(e) => {
             if plan.json {
-                report::write_json_error(out, server, &e)
+                report::write_json_error(out, &source, &e)
                     .map_err(|e| Failure::new(Exit::NoAnswer, e))?;
             }
             return Err(match e {

@@ -4,12 +4,12 @@
 
 use crate::ClockAction;
 use serde::Serialize;
-use service::client::{SyncError, SyncReport};
+use service::ntp::ServerState;
+use service::source::{Source, SyncError, SyncReport};
 use service::sync::Estimator;
 use service::time::{Nanos, Timestamp};
 use std::collections::BTreeMap;
 use std::io::{self, Write};
-use std::net::SocketAddr;
 
 /// Version of the JSON document; bumped on incompatible changes.
 pub const JSON_SCHEMA_VERSION: u32 = 1;
@@ -80,12 +80,35 @@ pub fn describe_action(action: ClockAction) -> Option<String> {
     }
 }
 
+/// What an NTP server said of its clock, flattened into the report.
+#[derive(Serialize)]
+struct JsonServerClock {
+    stratum: u8,
+    reference_id: String,
+    leap: &'static str,
+    root_delay_ns: i64,
+    root_dispersion_ns: i64,
+}
+
+fn json_server_clock(state: &Option<ServerState>) -> Option<JsonServerClock> {
+    state.map(|s| JsonServerClock {
+        stratum: s.stratum,
+        reference_id: s.reference_id.display(s.stratum),
+        leap: s.leap.name(),
+        root_delay_ns: s.root_delay.as_nanos(),
+        root_dispersion_ns: s.root_dispersion.as_nanos(),
+    })
+}
+
 /// The `--json` document.
 #[derive(Serialize)]
 struct JsonReport {
     schema: u32,
     status: &'static str,
     server: String,
+    protocol: &'static str,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    server_clock: Option<JsonServerClock>,
     estimator: &'static str,
     offset_ns: i64,
     error_bound_ns: i64,
@@ -112,6 +135,7 @@ struct JsonFailure {
     schema: u32,
     status: &'static str,
     server: String,
+    protocol: &'static str,
     error: String,
 }
 
@@ -131,6 +155,8 @@ pub fn write_json(out: &mut dyn Write, report: &SyncReport, action: ClockAction)
         schema: JSON_SCHEMA_VERSION,
         status: "synced",
         server: report.server.to_string(),
+        protocol: report.wire.scheme(),
+        server_clock: json_server_clock(&report.server_state),
         estimator: e.estimator.name(),
         offset_ns: e.offset.as_nanos(),
         error_bound_ns: e.bound().as_nanos(),
@@ -176,23 +202,28 @@ pub fn write_json(out: &mut dyn Write, report: &SyncReport, action: ClockAction)
 }
 
 /// Writes the JSON document of a failed sync.
-pub fn write_json_error(
-    out: &mut dyn Write,
-    server: SocketAddr,
-    error: &SyncError,
-) -> io::Result<()> {
-    let status = match error {
-        SyncError::NoAnswer(_) => "no_answer",
-        SyncError::Estimate { .. } => "inconsistent",
-    };
+pub fn write_json_error(out: &mut dyn Write, source: &Source, error: &SyncError) -> io::Result<()> {
     let doc = JsonFailure {
         schema: JSON_SCHEMA_VERSION,
-        status,
-        server: server.to_string(),
+        status: failure_status(error),
+        server: source.server().to_string(),
+        protocol: source.wire().scheme(),
         error: error.to_string(),
     };
     serde_json::to_writer(&mut *out, &doc)?;
     writeln!(out)
+}
+
+/// The `status` of a failed sync: `no_answer`, `rate_limited`, `denied`,
+/// `unsynchronized` or `inconsistent`.
+pub fn failure_status(error: &SyncError) -> &'static str {
+    match (error, error.kiss()) {
+        (_, Some(k)) if k.stops() => "denied",
+        (_, Some(_)) => "rate_limited",
+        (SyncError::NoAnswer(_), None) if error.unsynchronized() => "unsynchronized",
+        (SyncError::NoAnswer(_), None) => "no_answer",
+        (SyncError::Estimate { .. }, None) => "inconsistent",
+    }
 }
 
 /// Writes the human report: each probe, the seeds' figures, the estimate.
@@ -204,7 +235,11 @@ pub fn write_human(
     let e = &report.estimate;
     writeln!(
         out,
-        "server {}: {} samples used, {} lost{}, in {:.1}ms",
+        "server {}{}: {} samples used, {} lost{}, in {:.1}ms",
+        match report.wire {
+            service::source::Wire::Cerv => String::new(),
+            wire => format!("{wire}://"),
+        },
         report.server,
         report.samples.len(),
         report.lost,
@@ -256,6 +291,21 @@ pub fn write_human(
         )?,
     }
     line(out, "synchronized time", stamp(report.synchronized_time()))?;
+    if let Some(s) = report.server_state {
+        line(
+            out,
+            "server clock",
+            format!(
+                "stratum {}, reference {}, leap {}, root delay {}, root dispersion {}, precision {} (all inside the bound)",
+                s.stratum,
+                s.reference_id.display(s.stratum),
+                s.leap.name(),
+                s.root_delay,
+                s.root_dispersion,
+                s.uncertainty().saturating_sub(s.root_distance())
+            ),
+        )?;
+    }
     line(
         out,
         "offset",

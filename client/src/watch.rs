@@ -9,14 +9,15 @@
 //! [`service::discipline`]).
 //!
 //! A server that does not answer is reported and asked again later, the
-//! wait doubling up to 64 intervals; Ctrl-C or SIGTERM ends the watch
-//! cleanly (exit 0), as does `--count`.
+//! wait doubling up to 64 intervals (quadrupling after a Kiss-o'-Death
+//! RATE); a DENY or RSTR ends the watch (exit 1). Ctrl-C or SIGTERM ends
+//! it cleanly (exit 0), as does `--count`.
 
 use crate::{ClockAction, Exit, Failure, apply, clock_failure, report};
 use serde::Serialize;
-use service::client::{SyncReport, TimeClient, spread};
 use service::clock::Clock;
 use service::discipline::Discipline;
+use service::source::{Source, SyncReport, spread};
 use service::time::Nanos;
 use std::future::Future;
 use std::io::Write;
@@ -39,6 +40,7 @@ struct WatchLine<'a> {
     schema: u32,
     time: String,
     server: String,
+    protocol: &'static str,
     status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     offset_ns: Option<i64>,
@@ -88,6 +90,7 @@ fn write_synced(
             schema: report::JSON_SCHEMA_VERSION,
             time: report.local_time().to_string(),
             server: report.server.to_string(),
+            protocol: report.wire.scheme(),
             status: "synced",
             offset_ns: Some(e.offset.as_nanos()),
             error_bound_ns: Some(e.bound().as_nanos()),
@@ -132,7 +135,7 @@ fn write_missed(
     out: &mut dyn Write,
     json: bool,
     at: service::Timestamp,
-    server: std::net::SocketAddr,
+    source: &Source,
     error: &str,
     next: Duration,
 ) -> std::io::Result<()> {
@@ -140,7 +143,8 @@ fn write_missed(
         let line = WatchLine {
             schema: report::JSON_SCHEMA_VERSION,
             time: at.to_string(),
-            server: server.to_string(),
+            server: source.server().to_string(),
+            protocol: source.wire().scheme(),
             status: "no_answer",
             offset_ns: None,
             error_bound_ns: None,
@@ -164,7 +168,7 @@ fn write_missed(
 /// The watch loop; see the module documentation.
 pub async fn run(
     plan: &crate::cli::Plan,
-    client: &TimeClient,
+    source: &Source,
     clock: Arc<dyn Clock>,
     interval: Duration,
     out: &mut (dyn Write + Send),
@@ -191,7 +195,7 @@ pub async fn run(
     loop {
         let outcome = tokio::select! {
             () = &mut shutdown => return Ok(()),
-            outcome = client.sync(&plan.options) => outcome,
+            outcome = source.sync(&plan.options) => outcome,
         };
         match outcome {
             Ok(report) => {
@@ -220,15 +224,24 @@ pub async fn run(
                 wait = interval;
             }
             Err(e) => {
-                wait = (wait * 2).min(interval * MAX_BACKOFF);
+                // A server that asks us to slow down gets four times the
+                // wait at once; one that denies us is asked no more.
+                let factor = if e.kiss().is_some() { 4 } else { 2 };
+                wait = (wait * factor).min(interval * MAX_BACKOFF);
                 written(write_missed(
                     out,
                     plan.json,
                     clock.now(),
-                    client.server(),
+                    source,
                     &e.to_string(),
                     wait,
                 ))?;
+                if let Some(kiss) = source.stopped_by() {
+                    return Err(Failure::new(
+                        Exit::NoAnswer,
+                        anyhow::anyhow!("{}: {kiss}; no longer asking it", source.name()),
+                    ));
+                }
             }
         }
         syncs += 1;

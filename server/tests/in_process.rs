@@ -4,11 +4,11 @@
 use proptest::prelude::prop;
 use server::{Config, Dispatch, Running, Server};
 use service::auth::{Key, Keys};
-use service::client::{SyncOptions, TimeClient};
 use service::clock::{Clock, SkewedClock, SystemClock};
+use service::source::{Source, SourceOptions, SourceSpec, SyncOptions, Wire};
 use service::sync::Estimator;
 use service::time::{Nanos, Timestamp};
-use service::transport::client::{ClientOptions, UdpClientTransport, client_config};
+use service::transport::client::{UdpClientTransport, client_config};
 use service::transport::limit::RateLimit;
 use service::transport::server::ServerConfig;
 use service::wire::{self, Call, ClientFrame, MIN_REQUEST_LEN, Reply};
@@ -77,9 +77,7 @@ async fn plain_tarpc_client(dispatch: Dispatch) {
 async fn a_client_250ms_behind_measures_plus_250ms() {
     let server = start(Config::default()).await;
     let behind: Arc<dyn Clock> = Arc::new(SkewedClock::new(SystemClock, Nanos::from_millis(-250)));
-    let client = TimeClient::connect_with_clock(server.addr, behind)
-        .await
-        .unwrap();
+    let client = Source::cerv(server.addr, behind).await.unwrap();
     let report = client.sync(&SyncOptions::default()).await.expect("sync");
     let truth = Nanos::from_millis(250);
     for e in &report.estimates {
@@ -94,7 +92,9 @@ async fn a_client_250ms_behind_measures_plus_250ms() {
 #[tokio::test]
 async fn every_estimator_can_be_chosen() {
     let server = start(skewed(-40)).await;
-    let client = TimeClient::connect(server.addr).await.unwrap();
+    let client = Source::cerv(server.addr, Arc::new(SystemClock))
+        .await
+        .unwrap();
     for estimator in Estimator::ALL {
         let options = SyncOptions {
             estimator,
@@ -246,7 +246,7 @@ async fn duplicated_and_stale_replies_never_make_a_wrong_sample() {
             }
         }
     });
-    let client = TimeClient::connect(addr).await.unwrap();
+    let client = Source::cerv(addr, Arc::new(SystemClock)).await.unwrap();
     let report = client.sync(&SyncOptions::default()).await.expect("sync");
     assert!(report.estimate.contains(theta), "{:?}", report.estimate);
     for s in &report.samples {
@@ -393,12 +393,17 @@ fn keyed(config: Config, key: &Key) -> Config {
     }
 }
 
-async fn connect_keyed(addr: SocketAddr, key: Option<Key>) -> TimeClient {
-    let options = ClientOptions {
+async fn connect_keyed(addr: SocketAddr, key: Option<Key>) -> Source {
+    let options = SourceOptions {
         key,
-        ..ClientOptions::default()
+        ..SourceOptions::default()
     };
-    TimeClient::connect_with(addr, Arc::new(SystemClock), options)
+    let spec = SourceSpec {
+        wire: Wire::Cerv,
+        host: addr.ip().to_string(),
+        port: addr.port(),
+    };
+    Source::open(spec, addr, Arc::new(SystemClock), options)
         .await
         .unwrap()
 }
@@ -625,7 +630,9 @@ fn junk_datagrams_never_stop_the_server() {
             ..skewed(9)
         }));
         let junk = std::net::UdpSocket::bind("127.0.0.3:0").unwrap();
-        let client = rt.block_on(TimeClient::connect(server.addr)).unwrap();
+        let client = rt
+            .block_on(Source::cerv(server.addr, Arc::new(SystemClock)))
+            .unwrap();
         let fast = SyncOptions {
             timeout: Duration::from_millis(300),
             ..SyncOptions::default()

@@ -2,8 +2,8 @@
 //! true time while the local clock drifts and while the server is away.
 
 use server::{Config, Server};
-use service::client::SyncOptions;
 use service::clock::{Clock, SimulatedClock, SystemClock};
+use service::source::SyncOptions;
 use service::synced::{Status, SyncedClock, SyncedClockConfig};
 use service::time::{Nanos, Timestamp};
 use std::net::SocketAddr;

@@ -10,18 +10,19 @@
 //! - [`ntp`]: the NTP packet format (RFC 5905, 7822), decoded and validated.
 //! - [`auth`]: pre-shared keys and the tags that authenticate datagrams.
 //! - [`transport`]: tarpc over UDP, client and server side.
-//! - [`client`]: connect, probe and sync in a few lines.
+//! - [`source`]: one server over one wire (cerv's or NTP): connect, probe and
+//!   sync, with retries, Kiss-o'-Death handling and an honest estimate.
 //! - [`signals`]: Ctrl-C and SIGTERM, for the binaries.
 //! - [`synced`]: [`synced::SyncedClock`], an interval that holds the server's time, kept in sync in the background.
 
 pub mod auth;
-pub mod client;
 pub mod clock;
 pub mod discipline;
 pub mod ntp;
 pub mod rpc;
 pub mod select;
 pub mod signals;
+pub mod source;
 pub mod sync;
 pub mod synced;
 pub mod time;

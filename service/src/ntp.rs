@@ -497,6 +497,16 @@ impl ServerState {
             .saturating_add(self.root_dispersion.max(Nanos::ZERO))
     }
 
+    /// How far the server's clock readings may be from its reference: the
+    /// root distance plus the clock's precision (a reading is uncertain
+    /// by one tick). A client widens each sample's interval by this. The
+    /// precision is counted apart because the 16.16 format of the root
+    /// dispersion cannot carry less than 15 µs.
+    pub fn uncertainty(&self) -> Nanos {
+        self.root_distance()
+            .saturating_add(precision_nanos(self.precision))
+    }
+
     /// Whether a client should use this server's time at all.
     pub fn is_synchronized(&self) -> bool {
         self.leap != Leap::Unsynchronized && (1..MAX_STRATUM).contains(&self.stratum)
@@ -533,7 +543,7 @@ impl ServerState {
     /// | synchronised | none | the kernel's | 2 | the kernel's maximum error | 127.127.1.1 |
     /// | synchronised | N | the kernel's | N | the kernel's maximum error | 127.127.1.1 |
     /// | unsynchronised | none | 3 (unsynchronised) | 16 | the kernel's maximum error | 0 |
-    /// | unsynchronised | N | none | N | the precision | 127.127.1.1 |
+    /// | unsynchronised | N | none | N | 0 | 127.127.1.1 |
     ///
     /// The root delay is zero (the kernel's maximum error already covers
     /// the whole distance to the reference, as chrony and ntpd set it),
@@ -552,7 +562,7 @@ impl ServerState {
             stratum: local_stratum.unwrap_or(DEFAULT_SYNCED_STRATUM),
             precision,
             root_delay: Nanos::ZERO,
-            root_dispersion: kernel.max_error.max(precision_nanos(precision)),
+            root_dispersion: kernel.max_error,
             reference_id: RefId::LOCAL,
             reference_time,
         };
@@ -560,7 +570,7 @@ impl ServerState {
             (true, _) => base,
             (false, Some(_)) => ServerState {
                 leap: Leap::None,
-                root_dispersion: precision_nanos(precision),
+                root_dispersion: Nanos::ZERO,
                 ..base
             },
             (false, None) => ServerState {
@@ -1155,7 +1165,9 @@ mod tests {
             (Leap::None, 3, RefId::LOCAL)
         );
         assert!(s.is_synchronized());
-        assert_eq!(s.root_dispersion, Nanos::from_nanos(30)); // 2^-25 s
+        assert_eq!(s.root_dispersion, Nanos::ZERO);
+        // A client still allows for the precision of the readings.
+        assert_eq!(s.uncertainty(), Nanos::from_nanos(30)); // 2^-25 s
         assert!(s.reference_time < now);
     }
 

@@ -29,13 +29,16 @@ use crate::time::{Nanos, OutOfRange, Timestamp};
 use std::fmt;
 use std::str::FromStr;
 
-/// One probe exchange: the four timestamps, checked for consistency.
+/// One probe exchange: the four timestamps, checked for consistency, and
+/// how far the server's clock may be from its own reference (its root
+/// distance; zero for a server that is the reference).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sample {
     ts1: Timestamp,
     ts2: Timestamp,
     ts3: Timestamp,
     ts4: Timestamp,
+    root_distance: Nanos,
 }
 
 /// Why four timestamps do not make a usable sample.
@@ -83,7 +86,30 @@ impl Sample {
         Nanos::try_from_i128(rtt)?;
         Nanos::try_from_i128(ts2.diff_i128(ts1))?;
         Nanos::try_from_i128(ts3.diff_i128(ts4))?;
-        Ok(Sample { ts1, ts2, ts3, ts4 })
+        Ok(Sample {
+            ts1,
+            ts2,
+            ts3,
+            ts4,
+            root_distance: Nanos::ZERO,
+        })
+    }
+
+    /// The same exchange with a server whose clock may be `root_distance`
+    /// from its reference (an NTP server's root delay / 2 + root
+    /// dispersion): its interval widens by that much on each side, so
+    /// every bound made from it holds for the reference, not just for the
+    /// server. Negative values count as zero.
+    pub fn with_root_distance(self, root_distance: Nanos) -> Sample {
+        Sample {
+            root_distance: root_distance.max(Nanos::ZERO),
+            ..self
+        }
+    }
+
+    /// The server's root distance (zero unless set).
+    pub fn root_distance(&self) -> Nanos {
+        self.root_distance
     }
 
     /// Client clock when the request left.
@@ -138,6 +164,7 @@ impl Sample {
             lo: self.ts3.diff_i128(self.ts4) + min,
             hi: self.ts2.diff_i128(self.ts1) - min,
         }
+        .widen(i128::from(self.root_distance.as_nanos()))
     }
 }
 
@@ -151,6 +178,8 @@ pub struct NowExchange {
     pub server_time: Timestamp,
     /// Client clock when the answer arrived.
     pub received: Timestamp,
+    /// The server's root distance (see [`Sample::with_root_distance`]).
+    pub root_distance: Nanos,
 }
 
 impl NowExchange {
@@ -169,6 +198,7 @@ impl NowExchange {
             sent,
             server_time,
             received,
+            root_distance: Nanos::ZERO,
         })
     }
 
@@ -186,6 +216,7 @@ impl NowExchange {
             lo: self.server_time.diff_i128(self.received) + min,
             hi: self.server_time.diff_i128(self.sent) - min,
         }
+        .widen(i128::from(self.root_distance.max(Nanos::ZERO).as_nanos()))
     }
 }
 
@@ -762,6 +793,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.bound(), Nanos::from_micros(100));
+    }
+
+    #[test]
+    fn root_distance_widens_every_interval() {
+        // θ = 1000, 100 ns each way; the server is within 5 µs of its
+        // reference.
+        let s = exchange(0, 1_000, 100, 0, 100).with_root_distance(Nanos::from_micros(5));
+        assert_eq!(s.offset(), Nanos::from_nanos(1_000));
+        for estimator in [
+            Estimator::MinRtt,
+            Estimator::Intersection,
+            Estimator::MidMedian,
+        ] {
+            let e = estimate(&[s, s], None, estimator, &no_drift()).unwrap();
+            assert_eq!(e.bound(), Nanos::from_nanos(5_100), "{estimator}");
+        }
+        // The reference may be 5 µs from the server: still inside.
+        let e = estimate(&[s], None, Estimator::MinRtt, &no_drift()).unwrap();
+        assert!(e.contains(Nanos::from_nanos(1_000 + 5_000)));
+        assert_eq!(
+            s.with_root_distance(Nanos::from_nanos(-3)).root_distance(),
+            Nanos::ZERO
+        );
     }
 
     #[test]

@@ -31,11 +31,10 @@
 //! a step of the system clock in between move it. A user-space stamp is a
 //! few microseconds late, which only widens the interval.
 
-use crate::client::{SyncOptions, SyncReport, TimeClient, spread};
 use crate::clock::{Clock, MonotonicClock};
+use crate::source::{Source, SourceOptions, SourceSpec, SyncOptions, SyncReport, Wire, spread};
 use crate::sync::Estimator;
 use crate::time::{Nanos, Timestamp};
-use crate::transport::client::ClientOptions;
 use crate::transport::socket::Stamping;
 use std::collections::VecDeque;
 use std::io;
@@ -60,7 +59,7 @@ pub struct SyncedClockConfig {
     /// How each sync is run.
     pub sync: SyncOptions,
     /// Timestamps and key of the connection.
-    pub client: ClientOptions,
+    pub client: SourceOptions,
 }
 
 impl Default for SyncedClockConfig {
@@ -73,9 +72,9 @@ impl Default for SyncedClockConfig {
             stale_after: Duration::from_secs(64),
             keep: 8,
             sync: SyncOptions::default(),
-            client: ClientOptions {
+            client: SourceOptions {
                 stamping: Stamping::User,
-                key: None,
+                ..SourceOptions::default()
             },
         }
     }
@@ -190,7 +189,12 @@ impl SyncedClock {
         // Each sync must allow at least the drift the answers assume.
         let params = &mut config.sync.params;
         params.max_drift_ppm = params.max_drift_ppm.max(config.max_drift_ppm);
-        let client = TimeClient::connect_with(server, clock.clone(), config.client.clone()).await?;
+        let spec = SourceSpec {
+            wire: Wire::Cerv,
+            host: server.ip().to_string(),
+            port: server.port(),
+        };
+        let client = Source::open(spec, server, clock.clone(), config.client.clone()).await?;
         let state = Arc::new(Mutex::new(State::default()));
         let task = tokio::spawn(keep_in_sync(
             client,
@@ -284,7 +288,7 @@ fn anchor_of(report: &SyncReport) -> Anchor {
 /// The background task: sync every interval (backing off, up to 64 times
 /// the interval, while the server does not answer), until dropped.
 async fn keep_in_sync(
-    client: TimeClient,
+    client: Source,
     clock: Arc<dyn Clock>,
     state: Arc<Mutex<State>>,
     config: SyncedClockConfig,

@@ -55,6 +55,21 @@ pub struct ClientStats {
     pub auth_failed: Counter,
 }
 
+impl ClientStats {
+    /// Counts an error a client socket reported: ICMP "port unreachable"
+    /// and "host unreachable" have counters of their own (they explain a
+    /// silent server); others are logged.
+    pub fn count_error(&self, e: &io::Error) {
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => self.refused.incr(),
+            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+                self.unreachable.incr()
+            }
+            _ => tracing::debug!(error = %e, "udp client socket error"),
+        }
+    }
+}
+
 /// How a client transport works.
 #[derive(Clone, Debug, Default)]
 pub struct ClientOptions {
@@ -236,13 +251,7 @@ impl UdpClientTransport {
     }
 
     fn count_error(&self, e: &io::Error) {
-        match e.kind() {
-            io::ErrorKind::ConnectionRefused => self.stats.refused.incr(),
-            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
-                self.stats.unreachable.incr()
-            }
-            _ => tracing::debug!(error = %e, "udp client socket error"),
-        }
+        self.stats.count_error(e);
     }
 
     /// Turns a decoded reply into tarpc's response, if it answers a request

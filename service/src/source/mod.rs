@@ -1,42 +1,66 @@
-//! Connect, probe and sync: the client side in a few lines.
+//! Sources: one server over one wire, and the sync that gets samples from
+//! it.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use service::client::{SyncOptions, TimeClient};
+//! use service::source::{Source, SyncOptions};
 //!
-//! let client = TimeClient::connect("127.0.0.1:8081".parse()?).await?;
-//! let report = client.sync(&SyncOptions::default()).await?;
+//! let source = Source::connect("ntp://127.0.0.1:12300".parse()?).await?;
+//! let report = source.sync(&SyncOptions::default()).await?;
 //! println!("offset {} ± {}", report.estimate.offset, report.estimate.bound());
 //! # Ok(())
 //! # }
 //! ```
 //!
-//! [`TimeClient::sync`] runs the flow of the design: `probes` exchanges,
-//! the mean one-way delay, then `now()`, and the estimate. Each call has a
+//! ```text
+//!  Source ──sync()──▶ probes with retries ──▶ Samples ──▶ sync::estimate ──▶ SyncReport
+//!    │
+//!    └─ Exchanger (one per wire): one probe, one now(), typed errors
+//!         cerv: the tarpc service over UDP      ntp: NTP client mode
+//! ```
+//!
+//! Every wire yields the same [`Sample`] (its interval widened by the
+//! server's root distance, for NTP), so the estimators, the reports,
+//! `--watch`, the discipline and [`crate::synced::SyncedClock`] never learn
+//! which wire a sample came over.
+//!
+//! [`Source::sync`] runs the flow of the design: `probes` exchanges, the
+//! mean one-way delay, then `now()`, and the estimate. Each call has a
 //! time budget (`timeout`); a request that gets no answer is sent again
 //! within that budget, up to `retries` more times: first after four round
 //! trips (25 ms before any round trip is known), then after twice as long
 //! each time. A lost datagram costs milliseconds, not the whole timeout.
 //! A probe whose budget runs out is skipped and counted as lost.
+//!
+//! A server that says no is obeyed: a Kiss-o'-Death RATE ends the sync
+//! with what it has (and `--watch` waits longer), DENY or RSTR stops the
+//! source for good, and a server that says its clock is unsynchronised is
+//! not used.
+
+mod cerv;
+mod ntp;
+pub mod spec;
+
+pub use spec::{AddressError, SourceSpec, Wire};
 
 use crate::auth::Key;
 use crate::clock::{Clock, SystemClock};
-use crate::rpc::TimeServiceClient;
+use crate::ntp::{Kiss, ServerState};
 use crate::sync::{
     self, Estimate, EstimateError, Estimator, NowExchange, Sample, SampleError, SyncParams,
 };
 use crate::time::{Nanos, Timestamp};
-use crate::transport::client::{ClientOptions, ClientStats, UdpClientTransport, client_config};
+use crate::transport::client::ClientStats;
+use crate::transport::socket::Stamping;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tarpc::client::RpcError;
-use tarpc::context;
 
 /// How a sync is run.
 #[derive(Clone, Debug)]
@@ -73,6 +97,19 @@ impl SyncOptions {
     }
 }
 
+/// How a source's connection works.
+#[derive(Clone, Debug, Default)]
+pub struct SourceOptions {
+    /// Where receive timestamps (ts4) come from.
+    pub stamping: Stamping,
+    /// With a key (cerv wire only), every request is tagged with it and
+    /// only replies tagged with it, bound to their request, are accepted.
+    pub key: Option<Key>,
+    /// log2 of the interval between syncs, in seconds, as NTP requests
+    /// announce it (servers may use it to judge a client's rate).
+    pub poll: i8,
+}
+
 /// `d` ± 10 %, at random: the wait between periodic syncs, spread so that
 /// many clients started together do not all ask at once.
 pub fn spread(d: Duration) -> Duration {
@@ -90,11 +127,63 @@ pub const FIRST_RETRY: Duration = Duration::from_millis(25);
 /// `GIVE_UP_AFTER × timeout` rather than `(probes + 1) × timeout`.
 pub const GIVE_UP_AFTER: u32 = 2;
 
+/// One answered probe: the sample, and what the server said of its own
+/// clock (NTP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// The exchange, its interval widened by the server's root distance.
+    pub sample: Sample,
+    /// The server's account of its clock, when the wire carries one.
+    pub server: Option<ServerState>,
+}
+
+/// Why one call (one request) gave no sample.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallError {
+    /// No answer within the time allowed.
+    Lost,
+    /// An answer whose timestamps contradict each other.
+    Rejected(SampleError),
+    /// The server refused the call (busy, over a limit).
+    Busy(String),
+    /// A Kiss-o'-Death (NTP).
+    Kiss(Kiss),
+    /// The server says its clock is not synchronised (NTP leap 3 or
+    /// stratum 16).
+    Unsynchronized {
+        /// Leap indicator bits.
+        leap: u8,
+        /// Stratum.
+        stratum: u8,
+    },
+    /// The local end failed (the socket, the connection).
+    Failed(String),
+}
+
+/// A boxed call of an [`Exchanger`].
+pub type CallFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, CallError>> + Send + 'a>>;
+
+/// What a wire must do for a [`Source`]: one exchange at a time, no
+/// retries (the source retries), typed errors. Implementations own their
+/// sockets, stamp ts1 just before sending and ts4 on arrival (the
+/// kernel's stamp where there is one), and check every reply against the
+/// request it claims to answer.
+pub trait Exchanger: Send + Sync {
+    /// One probe exchange: one request, answered within `timeout`.
+    fn probe(&self, timeout: Duration) -> CallFuture<'_, Probe>;
+    /// The server's clock once, as the classic flow's `now()` asks.
+    fn now(&self, timeout: Duration) -> CallFuture<'_, NowExchange>;
+    /// The counters of what went over the wire.
+    fn stats(&self) -> &ClientStats;
+}
+
 /// The result of a sync: the measurements and what they say.
 #[derive(Clone, Debug)]
 pub struct SyncReport {
     /// The server asked.
     pub server: SocketAddr,
+    /// The wire it was asked over.
+    pub wire: Wire,
     /// The probe exchanges used, in the order made.
     pub samples: Vec<Sample>,
     /// Requests sent that got no answer in time.
@@ -107,6 +196,8 @@ pub struct SyncReport {
     pub mean_delay: Nanos,
     /// The smallest round trip among the samples.
     pub min_rtt: Nanos,
+    /// What the server last said of its own clock (NTP).
+    pub server_state: Option<ServerState>,
     /// The answer of the chosen estimator.
     pub estimate: Estimate,
     /// The answers of every estimator that could run, for comparison.
@@ -157,11 +248,28 @@ pub enum SyncError {
     },
 }
 
+impl SyncError {
+    /// The Kiss-o'-Death that ended the sync, if one did.
+    pub fn kiss(&self) -> Option<Kiss> {
+        match self {
+            SyncError::NoAnswer(n) => n.kiss,
+            SyncError::Estimate { .. } => None,
+        }
+    }
+
+    /// Whether the server said its clock is not synchronised.
+    pub fn unsynchronized(&self) -> bool {
+        matches!(self, SyncError::NoAnswer(n) if n.unsynchronized.is_some())
+    }
+}
+
 /// The details of a server that did not answer, for a useful message.
 #[derive(Debug, Clone)]
 pub struct NoAnswer {
     /// The server asked.
     pub server: SocketAddr,
+    /// The wire.
+    pub wire: Wire,
     /// Requests sent.
     pub sent: u64,
     /// How long we tried.
@@ -182,21 +290,34 @@ pub struct NoAnswer {
     pub auth_failed: u64,
     /// The key the requests were tagged with, if any.
     pub key_id: Option<u32>,
-    /// Set when the local transport itself failed.
-    pub transport_failed: bool,
+    /// Set when the local end itself failed.
+    pub transport_failed: Option<String>,
+    /// The Kiss-o'-Death the server sent, if it sent one.
+    pub kiss: Option<Kiss>,
+    /// The server said its clock is unsynchronised: (leap, stratum).
+    pub unsynchronized: Option<(u8, u8)>,
 }
 
 impl fmt::Display for NoAnswer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self.wire {
+            Wire::Cerv => self.server.to_string(),
+            wire => format!("{wire}://{}", self.server),
+        };
         write!(
             f,
-            "no answer from {} ({} requests in {:.1}s)",
-            self.server,
+            "no answer from {name} ({} requests in {:.1}s)",
             self.sent,
             self.elapsed.as_secs_f64()
         )?;
-        let hint = if self.transport_failed {
-            "the local socket failed".to_string()
+        let hint = if let Some(why) = &self.transport_failed {
+            format!("the local end failed: {why}")
+        } else if let Some(kiss) = self.kiss {
+            kiss.to_string()
+        } else if let Some((leap, stratum)) = self.unsynchronized {
+            format!(
+                "the server says its clock is not synchronised (leap {leap}, stratum {stratum}); not used"
+            )
         } else if self.refused > 0 {
             "connection refused: nothing is listening there".to_string()
         } else if self.unreachable > 0 {
@@ -209,10 +330,11 @@ impl fmt::Display for NoAnswer {
                     .map_or(String::new(), |id| format!(" (id {id})"))
             )
         } else if self.malformed > 0 {
-            format!(
-                "{} malformed replies: is this a cerv server?",
-                self.malformed
-            )
+            let expected = match self.wire {
+                Wire::Cerv => "is this a cerv server?",
+                Wire::Ntp => "is this an NTP server?",
+            };
+            format!("{} malformed replies: {expected}", self.malformed)
         } else if self.unmatched > 0 {
             format!("{} replies matched no request", self.unmatched)
         } else if self.server_errors > 0 {
@@ -230,92 +352,112 @@ impl fmt::Display for NoAnswer {
     }
 }
 
-/// A connection to one time server.
-#[derive(Clone)]
-pub struct TimeClient {
-    rpc: TimeServiceClient,
-    clock: Arc<dyn Clock>,
-    stats: Arc<ClientStats>,
+/// One time server over one wire.
+pub struct Source {
+    spec: SourceSpec,
     server: SocketAddr,
+    clock: Arc<dyn Clock>,
+    exchanger: Arc<dyn Exchanger>,
     key_id: Option<u32>,
+    /// A DENY or RSTR from the server: asked no more.
+    stopped: Mutex<Option<Kiss>>,
 }
 
 /// How one call (with its retries) ended.
 enum CallOutcome<T> {
     Answered(T),
-    ServerError,
+    Refused(CallError),
     Lost,
-    TransportFailed,
 }
 
-impl TimeClient {
-    /// Connects to `server` over UDP, stamping with the system clock. Must
-    /// run inside a Tokio runtime (the tarpc dispatch task is spawned on it).
-    pub async fn connect(server: SocketAddr) -> io::Result<Self> {
-        Self::connect_with_clock(server, Arc::new(SystemClock)).await
+impl Source {
+    /// Resolves `spec` and opens it, stamping with the system clock. Must
+    /// run inside a Tokio runtime.
+    pub async fn connect(spec: SourceSpec) -> Result<Source, ConnectError> {
+        let server = spec.resolve().await?;
+        Ok(Source::open(
+            spec,
+            server,
+            Arc::new(SystemClock),
+            SourceOptions::default(),
+        )
+        .await?)
     }
 
-    /// Like [`connect`](Self::connect), with another clock.
-    pub async fn connect_with_clock(server: SocketAddr, clock: Arc<dyn Clock>) -> io::Result<Self> {
-        Self::connect_with(server, clock, ClientOptions::default()).await
-    }
-
-    /// Like [`connect`](Self::connect), with another clock, and the
-    /// transport's options (timestamps, key).
-    pub async fn connect_with(
+    /// Opens a source to `server` (one address `spec` resolves to),
+    /// reading `clock`. Must run inside a Tokio runtime (the wires spawn
+    /// their receive tasks on it).
+    pub async fn open(
+        spec: SourceSpec,
         server: SocketAddr,
         clock: Arc<dyn Clock>,
-        options: ClientOptions,
-    ) -> io::Result<Self> {
-        let socket = UdpClientTransport::bind_connected(server).await?;
+        options: SourceOptions,
+    ) -> io::Result<Source> {
         let key_id = options.key.as_ref().map(Key::id);
-        let transport = UdpClientTransport::new(socket, clock.clone(), options);
-        let stats = transport.stats();
-        let rpc = TimeServiceClient::new(client_config(), transport).spawn();
-        Ok(TimeClient {
-            rpc,
-            clock,
-            stats,
+        let exchanger: Arc<dyn Exchanger> = match spec.wire {
+            Wire::Cerv => {
+                Arc::new(cerv::CervExchanger::open(server, clock.clone(), options).await?)
+            }
+            Wire::Ntp => Arc::new(ntp::NtpExchanger::open(server, clock.clone(), options).await?),
+        };
+        Ok(Source {
+            spec,
             server,
+            clock,
+            exchanger,
             key_id,
+            stopped: Mutex::new(None),
         })
     }
 
-    /// The tarpc stub, for calls of your own.
-    pub fn rpc(&self) -> &TimeServiceClient {
-        &self.rpc
+    /// The cerv wire to `server`, with another clock (a shorthand for
+    /// tests and examples).
+    pub async fn cerv(server: SocketAddr, clock: Arc<dyn Clock>) -> io::Result<Source> {
+        let spec = SourceSpec {
+            wire: Wire::Cerv,
+            host: server.ip().to_string(),
+            port: server.port(),
+        };
+        Source::open(spec, server, clock, SourceOptions::default()).await
     }
 
-    /// The transport's counters.
-    pub fn stats(&self) -> &ClientStats {
-        &self.stats
+    /// The source as written.
+    pub fn spec(&self) -> &SourceSpec {
+        &self.spec
     }
 
-    /// The server address.
+    /// The server's address.
     pub fn server(&self) -> SocketAddr {
         self.server
     }
 
-    /// One probe exchange, one request, no retry.
-    pub async fn probe(&self, timeout: Duration) -> Result<Result<Sample, SampleError>, RpcError> {
-        let mut ctx = context::current();
-        ctx.deadline = Instant::now() + timeout;
-        let reply = self.rpc.probe(ctx, self.clock.now()).await?;
-        let ts4 = reply.ts4.unwrap_or_else(|| self.clock.now());
-        Ok(Sample::new(reply.ts1, reply.ts2, reply.ts3, ts4))
+    /// The wire.
+    pub fn wire(&self) -> Wire {
+        self.spec.wire
     }
 
-    /// One `now()` exchange, one request, no retry.
-    pub async fn now(
-        &self,
-        timeout: Duration,
-    ) -> Result<Result<NowExchange, SampleError>, RpcError> {
-        let mut ctx = context::current();
-        ctx.deadline = Instant::now() + timeout;
-        let sent = self.clock.now();
-        let server_time = self.rpc.now(ctx).await?;
-        let received = self.clock.now();
-        Ok(NowExchange::new(sent, server_time, received))
+    /// `ntp://127.0.0.1:123` (the cerv wire without a scheme): how reports
+    /// name the source.
+    pub fn name(&self) -> String {
+        match self.spec.wire {
+            Wire::Cerv => self.server.to_string(),
+            wire => format!("{wire}://{}", self.server),
+        }
+    }
+
+    /// The wire's counters.
+    pub fn stats(&self) -> &ClientStats {
+        self.exchanger.stats()
+    }
+
+    /// The Kiss-o'-Death that stopped this source (DENY, RSTR), if one did.
+    pub fn stopped_by(&self) -> Option<Kiss> {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One probe exchange, one request, no retry.
+    pub async fn probe(&self, timeout: Duration) -> Result<Probe, CallError> {
+        self.exchanger.probe(timeout).await
     }
 
     /// Runs `attempt` until one answers, sending it again after `interval`,
@@ -331,14 +473,14 @@ impl TimeClient {
     ) -> (CallOutcome<T>, u32)
     where
         F: Fn(Duration) -> Fut,
-        Fut: Future<Output = Result<T, RpcError>>,
+        Fut: Future<Output = Result<T, CallError>>,
     {
         let deadline = tokio::time::Instant::now() + budget;
         let mut in_flight = FuturesUnordered::new();
         let mut sent = 0u32;
         let mut next_send = tokio::time::Instant::now();
         let mut interval = interval;
-        let mut server_errors = 0u32;
+        let mut busy: Option<CallError> = None;
         loop {
             let now = tokio::time::Instant::now();
             if now >= deadline {
@@ -358,27 +500,24 @@ impl TimeClient {
             tokio::select! {
                 Some(result) = in_flight.next() => match result {
                     Ok(value) => return (CallOutcome::Answered(value), sent - 1),
-                    Err(RpcError::Server(e)) => {
-                        tracing::debug!(server = %self.server, error = %e, "server refused a request");
-                        server_errors += 1;
+                    Err(CallError::Lost) => {}
+                    Err(e @ CallError::Busy(_)) => {
+                        tracing::debug!(server = %self.server, error = ?e, "server refused a request");
+                        busy = Some(e);
                         // An answer: no point waiting for this one, try again.
                         next_send = tokio::time::Instant::now();
                     }
-                    Err(RpcError::DeadlineExceeded) => {}
-                    Err(e) => {
-                        tracing::debug!(server = %self.server, error = %e, "transport failed");
-                        return (CallOutcome::TransportFailed, sent);
-                    }
+                    // A rejected sample, a kiss, an unsynchronised server or
+                    // a local failure: asking again will not change it.
+                    Err(e) => return (CallOutcome::Refused(e), sent - 1),
                 },
                 () = tokio::time::sleep_until(wake) => {}
             }
         }
-        let outcome = if server_errors > 0 {
-            CallOutcome::ServerError
-        } else {
-            CallOutcome::Lost
-        };
-        (outcome, sent - server_errors)
+        match busy {
+            Some(e) => (CallOutcome::Refused(e), sent - 1),
+            None => (CallOutcome::Lost, sent),
+        }
     }
 
     /// The wait before the first retry (later ones double it): four of the
@@ -400,59 +539,81 @@ impl TimeClient {
     /// estimate. See the module documentation for the retry rules.
     pub async fn sync(&self, options: &SyncOptions) -> Result<SyncReport, SyncError> {
         let started = Instant::now();
-        let sent_before = self.stats.sent.get();
+        let stats = self.exchanger.stats();
+        let sent_before = stats.sent.get();
         let mut samples = Vec::with_capacity(options.probes as usize);
+        let mut server_state = None;
         let mut lost = 0u32;
         let mut rejected = 0u32;
         let mut server_errors = 0u64;
         let mut unanswered_run = 0u32;
-        let mut transport_failed = false;
+        let mut transport_failed = None;
+        let mut kiss = self.stopped_by();
+        let mut unsynchronized = None;
 
         for _ in 0..options.probes {
+            if kiss.is_some() || unsynchronized.is_some() || transport_failed.is_some() {
+                break;
+            }
             let interval = Self::retry_interval(options, &samples);
             let (outcome, unanswered) = self
                 .call_with_retries(options.timeout, options.retries, interval, |left| {
-                    self.probe(left)
+                    self.exchanger.probe(left)
                 })
                 .await;
             lost += unanswered;
             match outcome {
-                CallOutcome::Answered(Ok(sample)) => {
-                    samples.push(sample);
+                CallOutcome::Answered(probe) => {
+                    samples.push(probe.sample);
+                    server_state = probe.server.or(server_state);
                     unanswered_run = 0;
                     continue;
                 }
-                CallOutcome::Answered(Err(e)) => {
-                    tracing::debug!(server = %self.server, error = %e, "rejected sample");
-                    rejected += 1;
-                }
-                CallOutcome::ServerError => server_errors += 1,
+                CallOutcome::Refused(e) => match e {
+                    CallError::Rejected(why) => {
+                        tracing::debug!(server = %self.server, error = %why, "rejected sample");
+                        rejected += 1;
+                    }
+                    CallError::Busy(_) => server_errors += 1,
+                    CallError::Kiss(k) => {
+                        tracing::warn!(server = %self.name(), "{k}");
+                        if k.stops() {
+                            *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(k);
+                        }
+                        kiss = Some(k);
+                    }
+                    CallError::Unsynchronized { leap, stratum } => {
+                        unsynchronized = Some((leap, stratum));
+                    }
+                    CallError::Failed(why) => transport_failed = Some(why),
+                    CallError::Lost => {}
+                },
                 CallOutcome::Lost => {}
-                CallOutcome::TransportFailed => {
-                    transport_failed = true;
-                    break;
-                }
             }
             unanswered_run += 1;
-            let never_answered = samples.is_empty() && self.stats.received.get() == 0;
-            let refused = self.stats.refused.get() > 0;
+            let never_answered = samples.is_empty() && stats.received.get() == 0;
+            let refused = stats.refused.get() > 0;
             if never_answered && (unanswered_run >= GIVE_UP_AFTER || refused) {
                 break;
             }
         }
 
         let mut now = None;
-        if !samples.is_empty() && !transport_failed {
+        if !samples.is_empty()
+            && transport_failed.is_none()
+            && kiss.is_none()
+            && unsynchronized.is_none()
+        {
             let interval = Self::retry_interval(options, &samples);
             let (outcome, unanswered) = self
                 .call_with_retries(options.timeout, options.retries, interval, |left| {
-                    self.now(left)
+                    self.exchanger.now(left)
                 })
                 .await;
             lost += unanswered;
             match outcome {
-                CallOutcome::Answered(Ok(exchange)) => now = Some(exchange),
-                CallOutcome::Answered(Err(_)) => rejected += 1,
+                CallOutcome::Answered(exchange) => now = Some(exchange),
+                CallOutcome::Refused(CallError::Rejected(_)) => rejected += 1,
                 _ => {}
             }
         }
@@ -460,17 +621,20 @@ impl TimeClient {
         if samples.is_empty() {
             return Err(SyncError::NoAnswer(NoAnswer {
                 server: self.server,
-                sent: self.stats.sent.get() - sent_before,
+                wire: self.spec.wire,
+                sent: stats.sent.get() - sent_before,
                 elapsed: started.elapsed(),
-                refused: self.stats.refused.get(),
-                unreachable: self.stats.unreachable.get(),
-                malformed: self.stats.malformed.get(),
-                unmatched: self.stats.unmatched.get(),
+                refused: stats.refused.get(),
+                unreachable: stats.unreachable.get(),
+                malformed: stats.malformed.get(),
+                unmatched: stats.unmatched.get(),
                 server_errors,
                 rejected,
-                auth_failed: self.stats.auth_failed.get(),
+                auth_failed: stats.auth_failed.get(),
                 key_id: self.key_id,
                 transport_failed,
+                kiss,
+                unsynchronized,
             }));
         }
 
@@ -485,15 +649,33 @@ impl TimeClient {
         })?;
         Ok(SyncReport {
             server: self.server,
+            wire: self.spec.wire,
             mean_delay: sync::mean_delay(&samples).unwrap_or_default(),
             min_rtt: sync::min_rtt_sample(&samples).map_or(Nanos::ZERO, |(_, s)| s.rtt()),
             samples,
             lost,
             rejected,
             now,
+            server_state,
             estimate,
             estimates,
             elapsed: started.elapsed(),
         })
     }
+
+    /// The local clock this source reads.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+}
+
+/// Why a source could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The address does not resolve.
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    /// The local socket could not be opened.
+    #[error("cannot open a socket: {0}")]
+    Io(#[from] io::Error),
 }
