@@ -97,3 +97,55 @@ async fn a_clock_that_cannot_be_set_is_a_clean_error() {
             .contains(r#""action":"refused""#)
     );
 }
+
+#[tokio::test]
+async fn set_and_slew_work_over_ntp_too() {
+    let running = Server::spawn(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ntp_listen: vec!["127.0.0.1:0".parse().unwrap()],
+        ntp: service::transport::face::NtpFace {
+            local_stratum: Some(1),
+            ..Default::default()
+        },
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let target = format!("ntp://{}", running.ntp_addrs[0]);
+    // --set: one step by the measured offset (the server runs on the
+    // system clock; this clock is 250 ms behind it).
+    let clock = Arc::new(OffsetClock::new(SystemClock, Nanos::from_millis(-250)));
+    let mut out = Vec::new();
+    run(
+        &plan(&[&target, "--set"]),
+        clock.clone(),
+        &mut out,
+        std::future::pending(),
+    )
+    .await
+    .expect("run");
+    let [Adjustment::Step(by)] = clock.adjustments()[..] else {
+        panic!("expected one step, got {:?}", clock.adjustments());
+    };
+    assert!((by.as_nanos() - 250_000_000).abs() < 5_000_000, "{by}");
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.starts_with("server ntp://"), "{text}");
+
+    // --slew: 30 ms is under the step threshold, so it is slewed.
+    let clock = Arc::new(OffsetClock::new(SystemClock, Nanos::from_millis(-30)));
+    let mut out = Vec::new();
+    run(
+        &plan(&[&target, "--slew", "--json"]),
+        clock.clone(),
+        &mut out,
+        std::future::pending(),
+    )
+    .await
+    .expect("run");
+    let [Adjustment::Slew(by)] = clock.adjustments()[..] else {
+        panic!("expected one slew, got {:?}", clock.adjustments());
+    };
+    assert!((by.as_nanos() - 30_000_000).abs() < 5_000_000, "{by}");
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains(r#""protocol":"ntp""#), "{text}");
+}
