@@ -30,7 +30,9 @@ Exit codes:
 #[command(name = "fient", version, after_help = AFTER_HELP)]
 pub struct Args {
     /// The server: host[:port] or cerv://host[:port] for cerv's wire (port
-    /// 8081 if left out), ntp://host[:port] for NTP (port 123).
+    /// 8081 if left out), ntp://host[:port] for NTP (port 123),
+    /// tcp://host[:port] and tls://host[:port] for cerv's wire over TCP
+    /// (8081) and TLS (8443).
     #[arg(default_value = "127.0.0.1:8081", value_name = "SERVER")]
     pub server: String,
 
@@ -73,6 +75,11 @@ pub struct Args {
     /// Which key of --key-file to use.
     #[arg(long, value_name = "ID", requires = "key_file")]
     pub key_id: Option<u32>,
+
+    /// Trust the certificates of this PEM file (a CA) for tls:// sources,
+    /// instead of the system's trust roots.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
 
     /// Print one JSON object instead of the human report.
     #[arg(long)]
@@ -155,6 +162,8 @@ pub struct Plan {
     pub stamping: Stamping,
     /// The key to authenticate with.
     pub key: Option<Key>,
+    /// The TLS client configuration, for tls:// sources.
+    pub tls: Option<std::sync::Arc<service::tls::TlsClientConfig>>,
 }
 
 /// A bad option or key file; the message names it.
@@ -179,8 +188,11 @@ pub enum UsageError {
     /// A source that does not parse.
     #[error(transparent)]
     Address(#[from] AddressError),
+    /// A CA file that cannot be used.
+    #[error(transparent)]
+    Tls(#[from] service::tls::TlsError),
     /// An option that does not apply to the source's wire.
-    #[error("{option} works with cerv's wire only, not with {wire}:// sources")]
+    #[error("{option} works with cerv's wire only (udp, tcp, tls), not with {wire}:// sources")]
     WrongWire {
         /// The option.
         option: &'static str,
@@ -222,7 +234,11 @@ impl Args {
             ));
         }
         let server: SourceSpec = self.server.parse()?;
-        if server.wire != Wire::Cerv && self.key_file.is_some() {
+        let tls = match server.wire {
+            Wire::Tls => Some(service::tls::client_config(self.ca.as_deref(), &[], false)?),
+            _ => None,
+        };
+        if !matches!(server.wire, Wire::Cerv | Wire::Tcp | Wire::Tls) && self.key_file.is_some() {
             return Err(UsageError::WrongWire {
                 option: "--key-file",
                 wire: server.wire,
@@ -275,6 +291,7 @@ impl Args {
         };
         Ok(Plan {
             key,
+            tls,
             correction,
             discipline,
             watch,

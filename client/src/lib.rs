@@ -107,6 +107,7 @@ async fn connect(plan: &cli::Plan, clock: Arc<dyn Clock>) -> Result<Source, Fail
         stamping: plan.stamping,
         key: plan.key.clone(),
         poll: plan.poll,
+        tls: plan.tls.clone(),
     };
     Source::open(spec.clone(), server, clock, options)
         .await
@@ -139,7 +140,7 @@ pub async fn run(
                     .map_err(|e| Failure::new(Exit::NoAnswer, e))?;
             }
             return Err(match e {
-                SyncError::NoAnswer(_) | SyncError::Estimate { .. } => {
+                SyncError::NoAnswer(_) | SyncError::Estimate { .. } | SyncError::Connect { .. } => {
                     Failure::new(Exit::NoAnswer, e)
                 }
             });

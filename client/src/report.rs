@@ -214,14 +214,15 @@ pub fn write_json_error(out: &mut dyn Write, source: &Source, error: &SyncError)
     writeln!(out)
 }
 
-/// The `status` of a failed sync: `no_answer`, `rate_limited`, `denied`,
-/// `unsynchronized` or `inconsistent`.
+/// The `status` of a failed sync: `no_answer`, `connect_failed`,
+/// `rate_limited`, `denied`, `unsynchronized` or `inconsistent`.
 pub fn failure_status(error: &SyncError) -> &'static str {
     match (error, error.kiss()) {
         (_, Some(k)) if k.stops() => "denied",
         (_, Some(_)) => "rate_limited",
         (SyncError::NoAnswer(_), None) if error.unsynchronized() => "unsynchronized",
         (SyncError::NoAnswer(_), None) => "no_answer",
+        (SyncError::Connect { .. }, None) => "connect_failed",
         (SyncError::Estimate { .. }, None) => "inconsistent",
     }
 }
@@ -283,6 +284,18 @@ pub fn write_human(
                 format!("{}  (now(), rtt {})", now.server_time, now.rtt()),
             )?;
             line(out, "server + delay", format!("{flow}  (the classic flow)"))?;
+            if report.wire.is_stream()
+                && let Some((time, error)) = report.cristian()
+            {
+                line(
+                    out,
+                    "Cristian",
+                    format!(
+                        "{time}  (server time + rtt/2, error ±(rtt/2 − min) = ±{error}, min {})",
+                        report.params.min_transfer
+                    ),
+                )?;
+            }
         }
         _ => line(
             out,

@@ -13,6 +13,7 @@ use service::transport::face::{Face, NtpFace};
 use service::transport::server::{
     HandlerFuture, ServerConfig, ServerStats, UdpServer, run_channel,
 };
+use service::transport::tcp::{Handler, TcpConfig, TcpServer, TcpStats};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -85,6 +86,14 @@ pub struct Config {
     /// How the NTP face describes the clock. Its precision is measured
     /// when the server binds.
     pub ntp: NtpFace,
+    /// Addresses to serve cerv's wire on over TCP.
+    pub tcp_listen: Vec<SocketAddr>,
+    /// Addresses to serve cerv's wire on over TLS (needs `tls`).
+    pub tls_listen: Vec<SocketAddr>,
+    /// The TLS certificate and key, for `tls_listen`.
+    pub tls: Option<Arc<service::tls::TlsServerConfig>>,
+    /// Limits of the TCP and TLS listeners.
+    pub tcp: TcpConfig,
 }
 
 /// How requests reach the handlers.
@@ -123,6 +132,10 @@ impl Default for Config {
             dispatch: Dispatch::default(),
             ntp_listen: Vec::new(),
             ntp: NtpFace::default(),
+            tcp_listen: Vec::new(),
+            tls_listen: Vec::new(),
+            tls: None,
+            tcp: TcpConfig::default(),
         }
     }
 }
@@ -150,6 +163,9 @@ pub enum BindError {
         /// The address asked for.
         addr: SocketAddr,
     },
+    /// TLS listeners without a certificate.
+    #[error("--tls-listen needs --tls-cert and --tls-key")]
+    NoCertificate,
     /// Anything else.
     #[error("cannot listen on {addr}: {source}")]
     Other {
@@ -168,7 +184,10 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The addresses it answers NTP on, in the order configured.
     pub ntp_addrs: Vec<SocketAddr>,
+    /// The addresses it serves over TCP, then TLS, in the order configured.
+    pub stream_addrs: Vec<SocketAddr>,
     ntp_stats: Vec<Arc<ServerStats>>,
+    stream_stats: Vec<Arc<TcpStats>>,
     stats: Arc<ServerStats>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Arc<ServerStats>>,
@@ -183,6 +202,11 @@ impl Running {
     /// Live counters of the `i`-th NTP socket.
     pub fn ntp_stats(&self, i: usize) -> Option<&ServerStats> {
         self.ntp_stats.get(i).map(|s| &**s)
+    }
+
+    /// Live counters of the `i`-th TCP or TLS listener.
+    pub fn stream_stats(&self, i: usize) -> Option<&TcpStats> {
+        self.stream_stats.get(i).map(|s| &**s)
     }
 
     /// Stops it, lets requests in flight finish, and returns the counters.
@@ -209,6 +233,7 @@ impl Drop for Running {
 pub struct Server {
     udp: UdpServer,
     ntp: Vec<UdpServer>,
+    streams: Vec<TcpServer>,
     handlers: TimeServer,
     dispatch: Dispatch,
 }
@@ -216,6 +241,18 @@ pub struct Server {
 /// Binds a UDP socket, naming the address in the error.
 async fn bind_udp(addr: SocketAddr) -> Result<tokio::net::UdpSocket, BindError> {
     tokio::net::UdpSocket::bind(addr)
+        .await
+        .map_err(|source| match source.kind() {
+            io::ErrorKind::AddrInUse => BindError::InUse { addr },
+            io::ErrorKind::PermissionDenied => BindError::PermissionDenied { addr },
+            io::ErrorKind::AddrNotAvailable => BindError::NotAvailable { addr },
+            _ => BindError::Other { addr, source },
+        })
+}
+
+/// Binds a TCP listener, naming the address in the error.
+async fn bind_tcp(addr: SocketAddr) -> Result<tokio::net::TcpListener, BindError> {
+    tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| match source.kind() {
             io::ErrorKind::AddrInUse => BindError::InUse { addr },
@@ -267,9 +304,28 @@ impl Server {
                 ntp.push(UdpServer::new(socket, clock.clone(), transport));
             }
         }
+        let mut streams = Vec::new();
+        for &addr in &config.tcp_listen {
+            streams.push(TcpServer::new(
+                bind_tcp(addr).await?,
+                clock.clone(),
+                config.tcp.clone(),
+            ));
+        }
+        if !config.tls_listen.is_empty() {
+            let tls = config.tls.clone().ok_or(BindError::NoCertificate)?;
+            for &addr in &config.tls_listen {
+                let tcp = TcpConfig {
+                    tls: Some(tls.clone()),
+                    ..config.tcp.clone()
+                };
+                streams.push(TcpServer::new(bind_tcp(addr).await?, clock.clone(), tcp));
+            }
+        }
         Ok(Server {
             udp: UdpServer::new(socket, clock.clone(), config.transport),
             ntp,
+            streams,
             handlers: TimeServer::new(clock, config.processing_delay),
             dispatch: config.dispatch,
         })
@@ -283,6 +339,15 @@ impl Server {
     /// The NTP addresses actually bound, in the order configured.
     pub fn ntp_addrs(&self) -> io::Result<Vec<SocketAddr>> {
         self.ntp.iter().map(UdpServer::local_addr).collect()
+    }
+
+    /// The TCP, then TLS, addresses actually bound, with whether each
+    /// speaks TLS.
+    pub fn stream_addrs(&self) -> io::Result<Vec<(SocketAddr, bool)>> {
+        self.streams
+            .iter()
+            .map(|s| Ok((s.local_addr()?, s.is_tls())))
+            .collect()
     }
 
     /// Live counters.
@@ -306,6 +371,16 @@ impl Server {
             source,
         })?;
         let ntp_stats = server.ntp.iter().map(UdpServer::stats).collect();
+        let stream_addrs = server
+            .stream_addrs()
+            .map_err(|source| BindError::Other {
+                addr: listen,
+                source,
+            })?
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect();
+        let stream_stats = server.streams.iter().map(TcpServer::stats).collect();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
@@ -313,7 +388,9 @@ impl Server {
         Ok(Running {
             addr,
             ntp_addrs,
+            stream_addrs,
             ntp_stats,
+            stream_stats,
             stats,
             stop: Some(stop),
             task,
@@ -347,6 +424,12 @@ impl Server {
                 .into_iter()
                 .map(|udp| udp.run_inline(inline(handlers.clone()), stopped())),
         );
+        let handler: Handler = Arc::new(inline(handlers.clone()));
+        let streams = futures::future::join_all(
+            self.streams
+                .into_iter()
+                .map(|tcp| tcp.run(handler.clone(), stopped())),
+        );
         let cerv = async {
             match self.dispatch {
                 Dispatch::Inline => {
@@ -369,7 +452,7 @@ impl Server {
             shutdown.await;
             let _ = stop_tx.send(true);
         };
-        let (stats, _, ()) = futures::join!(cerv, ntp, signal);
+        let (stats, _, _, ()) = futures::join!(cerv, ntp, streams, signal);
         stats
     }
 }

@@ -8,6 +8,7 @@ use service::transport::face::NtpFace;
 use service::transport::limit::RateLimit;
 use service::transport::server::ServerConfig;
 use service::transport::socket::Stamping;
+use service::transport::tcp::TcpConfig;
 use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
@@ -110,6 +111,41 @@ struct Args {
     /// stratum 16), and clients will not use it.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=15))]
     ntp_stratum: Option<u8>,
+
+    /// Also serve cerv's wire over TCP on this address (repeatable): the
+    /// Cristian-over-TCP flavour, for networks that drop UDP.
+    #[arg(long = "tcp-listen", value_name = "ADDR")]
+    tcp_listen: Vec<String>,
+
+    /// Also serve cerv's wire over TLS on this address (repeatable); needs
+    /// --tls-cert and --tls-key.
+    #[arg(long = "tls-listen", value_name = "ADDR", requires_all = ["tls_cert", "tls_key"])]
+    tls_listen: Vec<String>,
+
+    /// The server's certificate chain, PEM (for --tls-listen).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// The certificate's private key, PEM (for --tls-listen).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<std::path::PathBuf>,
+
+    /// TCP and TLS: most connections open at once; more are closed at once.
+    #[arg(long, default_value_t = TcpConfig::default().max_connections, value_name = "N")]
+    tcp_max_connections: usize,
+
+    /// TCP and TLS: most connections open at once from one address.
+    #[arg(long, default_value_t = TcpConfig::default().max_per_address, value_name = "N")]
+    tcp_max_per_address: usize,
+
+    /// TCP and TLS: close a connection that sends no complete request for
+    /// this long.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    tcp_idle_timeout: Nanos,
+
+    /// TLS: close a connection whose handshake takes longer than this.
+    #[arg(long, default_value = "5s", value_name = "DURATION")]
+    tls_handshake_timeout: Nanos,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -179,12 +215,36 @@ fn init_logging(format: LogFormat) {
 
 fn config_from(args: &Args) -> Result<Config, Failure> {
     let listen = resolve(&args.listen).map_err(Failure::usage)?;
-    let ntp_listen = args
-        .ntp_listen
-        .iter()
-        .map(|a| resolve(a))
-        .collect::<anyhow::Result<Vec<_>>>()
-        .map_err(Failure::usage)?;
+    let resolve_all = |addrs: &[String]| {
+        addrs
+            .iter()
+            .map(|a| resolve(a))
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map_err(Failure::usage)
+    };
+    let ntp_listen = resolve_all(&args.ntp_listen)?;
+    let tcp_listen = resolve_all(&args.tcp_listen)?;
+    let tls_listen = resolve_all(&args.tls_listen)?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            service::tls::server_config(cert, key, &[], false)
+                .map_err(|e| Failure::usage(e.into()))?,
+        ),
+        (None, None) => None,
+        _ => {
+            return Err(Failure::usage(anyhow::anyhow!(
+                "--tls-cert and --tls-key go together"
+            )));
+        }
+    };
+    let tcp_idle_timeout = non_negative_duration(args.tcp_idle_timeout, "--tcp-idle-timeout")?;
+    let tls_handshake_timeout =
+        non_negative_duration(args.tls_handshake_timeout, "--tls-handshake-timeout")?;
+    if args.tcp_max_connections == 0 || args.tcp_max_per_address == 0 {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "invalid --tcp-max-connections or --tcp-max-per-address '0': must be at least 1"
+        )));
+    }
     let non_negative = |d: Nanos, what: &str| {
         if d.is_negative() {
             Err(Failure::usage(anyhow::anyhow!(
@@ -215,6 +275,7 @@ fn config_from(args: &Args) -> Result<Config, Failure> {
             Some(std::sync::Arc::new(keys))
         }
     };
+    let tcp_keys = keys.clone();
     if args.max_peers == 0 {
         return Err(Failure::usage(anyhow::anyhow!(
             "invalid --max-peers '0': must be at least 1"
@@ -242,7 +303,35 @@ fn config_from(args: &Args) -> Result<Config, Failure> {
             local_stratum: args.ntp_stratum,
             ..NtpFace::default()
         },
+        tcp_listen,
+        tls_listen,
+        tls,
+        tcp: TcpConfig {
+            max_connections: args.tcp_max_connections,
+            max_per_address: args.tcp_max_per_address,
+            idle_timeout: tcp_idle_timeout.max(Duration::from_millis(10)),
+            handshake_timeout: tls_handshake_timeout.max(Duration::from_millis(10)),
+            rate_limit: RateLimit {
+                rate: args.rate_limit,
+                burst: args.rate_burst,
+            },
+            stamping: args.timestamping,
+            keys: tcp_keys,
+            tls: None,
+            shutdown_grace: Duration::from_secs(2),
+            stats_interval,
+        },
     })
+}
+
+fn non_negative_duration(d: Nanos, what: &str) -> Result<Duration, Failure> {
+    if d.is_negative() {
+        Err(Failure::usage(anyhow::anyhow!(
+            "invalid {what} '{d}': must not be negative"
+        )))
+    } else {
+        Ok(d.unsigned_duration())
+    }
 }
 
 fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
@@ -288,6 +377,13 @@ fn run(args: Args) -> Result<(), Failure> {
                     .map_or("kernel".to_string(), |s| s.to_string()),
                 "answering NTP on {ntp}"
             );
+        }
+        for (addr, tls) in server.stream_addrs().map_err(|e| Failure {
+            code: 1,
+            error: e.into(),
+        })? {
+            let wire = if tls { "tls" } else { "tcp" };
+            info!("serving {wire} on {addr}");
         }
         info!(
             offset = %config.offset,

@@ -9,6 +9,7 @@
 //! - [`wire`]: the datagram format, decoded and validated.
 //! - [`ntp`]: the NTP packet format (RFC 5905, 7822), decoded and validated.
 //! - [`auth`]: pre-shared keys and the tags that authenticate datagrams.
+//! - [`tls`]: rustls set up from PEM files, and handshake failures in words.
 //! - [`transport`]: tarpc over UDP, client and server side.
 //! - [`source`]: one server over one wire (cerv's or NTP): connect, probe and
 //!   sync, with retries, Kiss-o'-Death handling and an honest estimate.
@@ -26,6 +27,7 @@ pub mod source;
 pub mod sync;
 pub mod synced;
 pub mod time;
+pub mod tls;
 pub mod transport;
 pub mod wire;
 

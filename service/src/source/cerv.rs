@@ -1,11 +1,15 @@
-//! The cerv wire: the tarpc [`TimeService`](crate::rpc::TimeService) over
-//! the UDP transport of [`crate::transport::client`].
+//! cerv's wire: the tarpc [`TimeService`](crate::rpc::TimeService) over
+//! the client transport of [`crate::transport::client`], on UDP or on a
+//! connection (TCP, TLS).
 
 use super::{CallError, CallFuture, Exchanger, Probe, SourceOptions};
+use crate::auth::Key;
 use crate::clock::Clock;
 use crate::rpc::TimeServiceClient;
 use crate::sync::{NowExchange, Sample};
-use crate::transport::client::{ClientOptions, ClientStats, UdpClientTransport, client_config};
+use crate::transport::client::{
+    ClientOptions, ClientStats, ClientTransport, MessageIo, UdpClientTransport, client_config,
+};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,14 +21,15 @@ use tarpc::context;
 pub(super) struct CervExchanger {
     rpc: TimeServiceClient,
     clock: Arc<dyn Clock>,
-    stats: Arc<ClientStats>,
 }
 
 impl CervExchanger {
-    pub(super) async fn open(
+    /// Over UDP, counting into `stats`.
+    pub(super) async fn open_udp(
         server: SocketAddr,
         clock: Arc<dyn Clock>,
-        options: SourceOptions,
+        options: &SourceOptions,
+        stats: Arc<ClientStats>,
     ) -> io::Result<Self> {
         let socket = UdpClientTransport::bind_connected(server).await?;
         let transport = UdpClientTransport::new(
@@ -32,12 +37,33 @@ impl CervExchanger {
             clock.clone(),
             ClientOptions {
                 stamping: options.stamping,
-                key: options.key,
+                key: options.key.clone(),
             },
-        );
-        let stats = transport.stats();
+        )
+        .with_stats(stats);
         let rpc = TimeServiceClient::new(client_config(), transport).spawn();
-        Ok(CervExchanger { rpc, clock, stats })
+        Ok(CervExchanger { rpc, clock })
+    }
+
+    /// Over any message I/O (a framed connection), counting into `stats`.
+    /// The connection closes when the exchanger is dropped.
+    pub(super) fn over<Io: MessageIo>(
+        io: Io,
+        clock: Arc<dyn Clock>,
+        key: Option<Key>,
+        stats: Arc<ClientStats>,
+    ) -> Self {
+        let transport = ClientTransport::over(
+            io,
+            clock.clone(),
+            ClientOptions {
+                key,
+                ..ClientOptions::default()
+            },
+        )
+        .with_stats(stats);
+        let rpc = TimeServiceClient::new(client_config(), transport).spawn();
+        CervExchanger { rpc, clock }
     }
 }
 
@@ -45,6 +71,9 @@ fn call_error(e: RpcError) -> CallError {
     match e {
         RpcError::DeadlineExceeded => CallError::Lost,
         RpcError::Server(e) => CallError::Busy(e.detail),
+        RpcError::Shutdown | RpcError::Channel(_) => {
+            CallError::Failed("the connection was closed".into())
+        }
         other => CallError::Failed(other.to_string()),
     }
 }
@@ -81,9 +110,5 @@ impl Exchanger for CervExchanger {
             let received = self.clock.now();
             NowExchange::new(sent, server_time, received).map_err(CallError::Rejected)
         })
-    }
-
-    fn stats(&self) -> &ClientStats {
-        &self.stats
     }
 }

@@ -17,6 +17,7 @@
 //!    │
 //!    └─ Exchanger (one per wire): one probe, one now(), typed errors
 //!         cerv: the tarpc service over UDP      ntp: NTP client mode
+//!         tcp, tls: the tarpc service over a connection opened per sync
 //! ```
 //!
 //! Every wire yields the same [`Sample`] (its interval widened by the
@@ -40,6 +41,7 @@
 mod cerv;
 mod ntp;
 pub mod spec;
+mod stream;
 
 pub use spec::{AddressError, SourceSpec, Wire};
 
@@ -108,6 +110,9 @@ pub struct SourceOptions {
     /// log2 of the interval between syncs, in seconds, as NTP requests
     /// announce it (servers may use it to judge a client's rate).
     pub poll: i8,
+    /// TLS client configuration (trust roots) for `tls://` sources; the
+    /// system's roots when `None`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// `d` ± 10 %, at random: the wait between periodic syncs, spread so that
@@ -173,8 +178,6 @@ pub trait Exchanger: Send + Sync {
     fn probe(&self, timeout: Duration) -> CallFuture<'_, Probe>;
     /// The server's clock once, as the classic flow's `now()` asks.
     fn now(&self, timeout: Duration) -> CallFuture<'_, NowExchange>;
-    /// The counters of what went over the wire.
-    fn stats(&self) -> &ClientStats;
 }
 
 /// The result of a sync: the measurements and what they say.
@@ -202,6 +205,8 @@ pub struct SyncReport {
     pub estimate: Estimate,
     /// The answers of every estimator that could run, for comparison.
     pub estimates: Vec<Estimate>,
+    /// What the estimate assumed (the minimum transfer time, the drift).
+    pub params: SyncParams,
     /// Wall time the sync took.
     pub elapsed: Duration,
 }
@@ -229,6 +234,20 @@ impl SyncReport {
     pub fn estimate_of(&self, estimator: Estimator) -> Option<&Estimate> {
         self.estimates.iter().find(|e| e.estimator == estimator)
     }
+
+    /// Cristian's flow on the `now()` exchange, as the TCP design states
+    /// it: the client's time is the server's time plus half the round
+    /// trip, within `±(rtt/2 − min)`, where `min` is the least transfer
+    /// time (`--min-transfer`). Returns (the synchronised time, at the
+    /// local time the answer arrived; the error).
+    pub fn cristian(&self) -> Option<(Timestamp, Nanos)> {
+        let now = self.now?;
+        let half = Nanos::from_nanos(now.rtt().as_nanos() / 2);
+        let error = half
+            .saturating_sub(self.params.min_transfer)
+            .max(Nanos::ZERO);
+        Some((now.server_time.saturating_add(half), error))
+    }
 }
 
 /// Why a sync failed.
@@ -237,6 +256,14 @@ pub enum SyncError {
     /// The server never gave a usable answer.
     #[error("{0}")]
     NoAnswer(NoAnswer),
+    /// The connection (or its TLS handshake) could not be made.
+    #[error("cannot connect to {source_name}: {reason}")]
+    Connect {
+        /// The source, as reports name it.
+        source_name: String,
+        /// What failed, in words.
+        reason: String,
+    },
     /// Answers came, but no estimate could be made from them.
     #[error("cannot estimate the offset from {server}: {source}")]
     Estimate {
@@ -253,7 +280,7 @@ impl SyncError {
     pub fn kiss(&self) -> Option<Kiss> {
         match self {
             SyncError::NoAnswer(n) => n.kiss,
-            SyncError::Estimate { .. } => None,
+            SyncError::Estimate { .. } | SyncError::Connect { .. } => None,
         }
     }
 
@@ -311,7 +338,10 @@ impl fmt::Display for NoAnswer {
             self.elapsed.as_secs_f64()
         )?;
         let hint = if let Some(why) = &self.transport_failed {
-            format!("the local end failed: {why}")
+            match self.wire {
+                Wire::Tcp => format!("{why} (is it a TLS port? try tls://)"),
+                _ => why.clone(),
+            }
         } else if let Some(kiss) = self.kiss {
             kiss.to_string()
         } else if let Some((leap, stratum)) = self.unsynchronized {
@@ -331,7 +361,7 @@ impl fmt::Display for NoAnswer {
             )
         } else if self.malformed > 0 {
             let expected = match self.wire {
-                Wire::Cerv => "is this a cerv server?",
+                Wire::Cerv | Wire::Tcp | Wire::Tls => "is this a cerv server?",
                 Wire::Ntp => "is this an NTP server?",
             };
             format!("{} malformed replies: {expected}", self.malformed)
@@ -352,12 +382,21 @@ impl fmt::Display for NoAnswer {
     }
 }
 
+/// How a source reaches its server.
+enum Link {
+    /// Datagrams: one exchanger for the source's life.
+    Datagram(Arc<dyn Exchanger>),
+    /// A connection per sync.
+    Stream(stream::StreamLink),
+}
+
 /// One time server over one wire.
 pub struct Source {
     spec: SourceSpec,
     server: SocketAddr,
     clock: Arc<dyn Clock>,
-    exchanger: Arc<dyn Exchanger>,
+    link: Link,
+    stats: Arc<ClientStats>,
     key_id: Option<u32>,
     /// A DENY or RSTR from the server: asked no more.
     stopped: Mutex<Option<Kiss>>,
@@ -394,17 +433,30 @@ impl Source {
         options: SourceOptions,
     ) -> io::Result<Source> {
         let key_id = options.key.as_ref().map(Key::id);
-        let exchanger: Arc<dyn Exchanger> = match spec.wire {
-            Wire::Cerv => {
-                Arc::new(cerv::CervExchanger::open(server, clock.clone(), options).await?)
-            }
-            Wire::Ntp => Arc::new(ntp::NtpExchanger::open(server, clock.clone(), options).await?),
+        let stats = Arc::new(ClientStats::default());
+        let link = match spec.wire {
+            Wire::Cerv => Link::Datagram(Arc::new(
+                cerv::CervExchanger::open_udp(server, clock.clone(), &options, stats.clone())
+                    .await?,
+            )),
+            Wire::Ntp => Link::Datagram(Arc::new(
+                ntp::NtpExchanger::open(server, clock.clone(), &options, stats.clone()).await?,
+            )),
+            Wire::Tcp | Wire::Tls => Link::Stream(stream::StreamLink::new(
+                spec.wire,
+                server,
+                &spec.host,
+                clock.clone(),
+                options,
+                stats.clone(),
+            )?),
         };
         Ok(Source {
             spec,
             server,
             clock,
-            exchanger,
+            link,
+            stats,
             key_id,
             stopped: Mutex::new(None),
         })
@@ -445,19 +497,14 @@ impl Source {
         }
     }
 
-    /// The wire's counters.
+    /// The wire's counters (over every connection, for stream wires).
     pub fn stats(&self) -> &ClientStats {
-        self.exchanger.stats()
+        &self.stats
     }
 
     /// The Kiss-o'-Death that stopped this source (DENY, RSTR), if one did.
     pub fn stopped_by(&self) -> Option<Kiss> {
         *self.stopped.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// One probe exchange, one request, no retry.
-    pub async fn probe(&self, timeout: Duration) -> Result<Probe, CallError> {
-        self.exchanger.probe(timeout).await
     }
 
     /// Runs `attempt` until one answers, sending it again after `interval`,
@@ -539,7 +586,21 @@ impl Source {
     /// estimate. See the module documentation for the retry rules.
     pub async fn sync(&self, options: &SyncOptions) -> Result<SyncReport, SyncError> {
         let started = Instant::now();
-        let stats = self.exchanger.stats();
+        // A connection retransmits by itself: sending a request again on
+        // it would only queue a second copy.
+        let (exchanger, retries): (Arc<dyn Exchanger>, u32) = match &self.link {
+            Link::Datagram(e) => (e.clone(), options.retries),
+            Link::Stream(link) => match link.connect(options.timeout).await {
+                Ok(e) => (Arc::new(e), 0),
+                Err(reason) => {
+                    return Err(SyncError::Connect {
+                        source_name: self.name(),
+                        reason,
+                    });
+                }
+            },
+        };
+        let stats = &*self.stats;
         let sent_before = stats.sent.get();
         let mut samples = Vec::with_capacity(options.probes as usize);
         let mut server_state = None;
@@ -557,8 +618,8 @@ impl Source {
             }
             let interval = Self::retry_interval(options, &samples);
             let (outcome, unanswered) = self
-                .call_with_retries(options.timeout, options.retries, interval, |left| {
-                    self.exchanger.probe(left)
+                .call_with_retries(options.timeout, retries, interval, |left| {
+                    exchanger.probe(left)
                 })
                 .await;
             lost += unanswered;
@@ -606,8 +667,8 @@ impl Source {
         {
             let interval = Self::retry_interval(options, &samples);
             let (outcome, unanswered) = self
-                .call_with_retries(options.timeout, options.retries, interval, |left| {
-                    self.exchanger.now(left)
+                .call_with_retries(options.timeout, retries, interval, |left| {
+                    exchanger.now(left)
                 })
                 .await;
             lost += unanswered;
@@ -659,6 +720,7 @@ impl Source {
             server_state,
             estimate,
             estimates,
+            params: options.params,
             elapsed: started.elapsed(),
         })
     }

@@ -79,7 +79,8 @@ impl NtpExchanger {
     pub(super) async fn open(
         server: SocketAddr,
         clock: Arc<dyn Clock>,
-        options: SourceOptions,
+        options: &SourceOptions,
+        stats: Arc<ClientStats>,
     ) -> io::Result<Self> {
         let socket = UdpClientTransport::bind_connected(server).await?;
         if options.stamping == Stamping::Kernel
@@ -88,7 +89,6 @@ impl NtpExchanger {
             tracing::debug!(error = %e, "kernel receive timestamps unavailable");
         }
         let socket = Arc::new(socket);
-        let stats = Arc::new(ClientStats::default());
         let pending: Pending = Arc::default();
         let reader = tokio::spawn(receive(
             socket.clone(),
@@ -198,10 +198,6 @@ impl Exchanger for NtpExchanger {
             now.root_distance = state.uncertainty();
             Ok(now)
         })
-    }
-
-    fn stats(&self) -> &ClientStats {
-        &self.stats
     }
 }
 

@@ -5,6 +5,8 @@
 //! |---|---|---|
 //! | `host[:port]`, `cerv://host[:port]` | cerv's tarpc wire over UDP | 8081 |
 //! | `ntp://host[:port]` | NTP (v4) | 123 |
+//! | `tcp://host[:port]` | cerv's tarpc wire over TCP | 8081 |
+//! | `tls://host[:port]` | cerv's tarpc wire over TLS | 8443 |
 //!
 //! Hosts are names, IPv4 addresses or IPv6 addresses (bracketed when a
 //! port follows: `[::1]:8081`, `ntp://[::1]:123`).
@@ -20,26 +22,39 @@ pub enum Wire {
     Cerv,
     /// NTP, client mode (RFC 5905).
     Ntp,
+    /// cerv's tarpc service over TCP: Cristian's algorithm on a connection.
+    Tcp,
+    /// cerv's tarpc service over TLS: a server that proves who it is.
+    Tls,
 }
 
 impl Wire {
     /// Every wire, in the order help texts list them.
-    pub const ALL: [Wire; 2] = [Wire::Cerv, Wire::Ntp];
+    pub const ALL: [Wire; 4] = [Wire::Cerv, Wire::Ntp, Wire::Tcp, Wire::Tls];
 
     /// The scheme that names it (`ntp` in `ntp://host`).
     pub fn scheme(self) -> &'static str {
         match self {
             Wire::Cerv => "cerv",
             Wire::Ntp => "ntp",
+            Wire::Tcp => "tcp",
+            Wire::Tls => "tls",
         }
     }
 
     /// The port a source of this wire uses when none is written.
     pub fn default_port(self) -> u16 {
         match self {
-            Wire::Cerv => 8081,
+            Wire::Cerv | Wire::Tcp => 8081,
             Wire::Ntp => 123,
+            Wire::Tls => 8443,
         }
+    }
+
+    /// Whether the wire is a connection (one per sync) rather than
+    /// datagrams.
+    pub fn is_stream(self) -> bool {
+        matches!(self, Wire::Tcp | Wire::Tls)
     }
 }
 

@@ -1,7 +1,11 @@
-//! The client side of the UDP transport: a socket `connect()`ed to one
-//! server, as a tarpc `Stream`/`Sink` pair.
+//! The client side of the transport: one server, as a tarpc `Stream`/`Sink`
+//! pair, over a UDP socket `connect()`ed to it ([`UdpClientTransport`]) or
+//! over a framed byte stream (TCP, TLS: see [`super::stream`]).
+//!
+//! Both carry the same messages, encoded by [`crate::wire`]; only how a
+//! message is sent and received differs ([`MessageIo`]).
 
-use super::socket::{Stamping, enable_timestamps, poll_recv_stamped};
+use super::socket::{Arrival, Stamping, enable_timestamps, poll_recv_stamped};
 use super::{Counter, is_transient};
 use crate::auth::{Key, Tag};
 use crate::clock::{Clock, SystemClock};
@@ -80,6 +84,30 @@ pub struct ClientOptions {
     pub key: Option<Key>,
 }
 
+/// How a client transport moves whole messages: one datagram, or one frame
+/// of a stream.
+pub trait MessageIo: Unpin + Send + 'static {
+    /// Sends one message. A transient error (see `is_transient`) costs
+    /// that message only; any other ends the transport.
+    fn poll_send(&mut self, cx: &mut Context<'_>, message: &[u8]) -> Poll<io::Result<()>>;
+    /// Receives one message into `buf`, with its arrival time. The end of
+    /// a stream is an error of kind `UnexpectedEof`.
+    fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Arrival>>;
+}
+
+/// A UDP socket connected to the server.
+pub struct UdpIo(UdpSocket);
+
+impl MessageIo for UdpIo {
+    fn poll_send(&mut self, cx: &mut Context<'_>, message: &[u8]) -> Poll<io::Result<()>> {
+        self.0.poll_send(cx, message).map_ok(|_| ())
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Arrival>> {
+        poll_recv_stamped(&self.0, cx, buf)
+    }
+}
+
 /// A request as sent, kept to check the reply that claims to answer it.
 #[derive(Clone, Copy)]
 struct Sent {
@@ -88,9 +116,13 @@ struct Sent {
     tag: Option<Tag>,
 }
 
-/// The client end of the UDP transport for [`crate::rpc::TimeService`].
+/// The client end of the transport for [`crate::rpc::TimeService`], over
+/// UDP.
+pub type UdpClientTransport = ClientTransport<UdpIo>;
+
+/// The client end of the transport for [`crate::rpc::TimeService`].
 ///
-/// - One datagram per message, encoded by [`crate::wire`].
+/// - One datagram (or frame) per message, encoded by [`crate::wire`].
 /// - Probe requests are stamped (`ts1`) just before the datagram is sent and
 ///   replies (`ts4`) as soon as they are read from the socket.
 /// - tarpc's request ids (0, 1, 2, ...) are sent offset by a random 64-bit
@@ -101,8 +133,8 @@ struct Sent {
 /// - Nothing the network does ends the transport: malformed replies and
 ///   ICMP errors are counted in [`ClientStats`] and dropped, and a lost
 ///   datagram simply leaves its call to its deadline.
-pub struct UdpClientTransport {
-    socket: UdpSocket,
+pub struct ClientTransport<Io> {
+    io: Io,
     clock: Arc<dyn Clock>,
     id_base: u64,
     sent: Box<[Option<Sent>; SENT_RING]>,
@@ -114,7 +146,7 @@ pub struct UdpClientTransport {
     key: Option<Key>,
 }
 
-impl UdpClientTransport {
+impl ClientTransport<UdpIo> {
     /// Binds an ephemeral port of the right address family and connects it
     /// to `server`, stamping with the system clock.
     pub async fn connect(server: SocketAddr) -> io::Result<Self> {
@@ -157,8 +189,22 @@ impl UdpClientTransport {
         {
             tracing::debug!(error = %e, "kernel receive timestamps unavailable");
         }
-        UdpClientTransport {
-            socket,
+        ClientTransport::over(UdpIo(socket), clock, options)
+    }
+
+    /// The local address of the socket.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.io.0.local_addr()
+    }
+}
+
+impl<Io: MessageIo> ClientTransport<Io> {
+    /// A transport over `io`, reading `clock`, authenticating with
+    /// `options.key` (`options.stamping` is for the caller to arrange on
+    /// the socket).
+    pub fn over(io: Io, clock: Arc<dyn Clock>, options: ClientOptions) -> Self {
+        ClientTransport {
+            io,
             clock,
             id_base: rand::random(),
             sent: Box::new([None; SENT_RING]),
@@ -176,9 +222,11 @@ impl UdpClientTransport {
         self.stats.clone()
     }
 
-    /// The local address of the socket.
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.local_addr()
+    /// Counts into `stats` instead of a fresh set (a source keeps one set
+    /// across the connections of its syncs).
+    pub fn with_stats(mut self, stats: Arc<ClientStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     fn frame_for(&self, message: ClientMessage<TimeServiceRequest>) -> Option<ClientFrame> {
@@ -224,7 +272,7 @@ impl UdpClientTransport {
                 probe_ts1 = Some(*ts1);
             }
             let (len, tag) = wire::encode_client(frame, &mut self.tx, self.key.as_ref());
-            match self.socket.poll_send(cx, &self.tx[..len]) {
+            match self.io.poll_send(cx, &self.tx[..len]) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(_)) => {
                     self.stats.sent.incr();
@@ -292,7 +340,7 @@ impl UdpClientTransport {
     }
 }
 
-impl Stream for UdpClientTransport {
+impl<Io: MessageIo> Stream for ClientTransport<Io> {
     type Item = Result<Response<TimeServiceResponse>, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -308,7 +356,7 @@ impl Stream for UdpClientTransport {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
-            match poll_recv_stamped(&this.socket, cx, &mut this.rx[..]) {
+            match this.io.poll_recv(cx, &mut this.rx[..]) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(arrival)) => {
                     let ts4 = arrival.time_on(&*this.clock);
@@ -349,9 +397,14 @@ impl Stream for UdpClientTransport {
                     this.count_error(&e);
                 }
                 Poll::Ready(Err(e)) => {
-                    // The socket itself is broken: end the transport, which
-                    // fails the calls in flight instead of spinning here.
-                    tracing::warn!(error = %e, "udp client socket failed");
+                    // The socket itself is broken (or the stream ended): end
+                    // the transport, which fails the calls in flight instead
+                    // of spinning here.
+                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                        tracing::debug!("the server closed the connection");
+                    } else {
+                        tracing::warn!(error = %e, "client socket failed");
+                    }
                     this.closed = true;
                     return Poll::Ready(None);
                 }
@@ -360,7 +413,7 @@ impl Stream for UdpClientTransport {
     }
 }
 
-impl Sink<ClientMessage<TimeServiceRequest>> for UdpClientTransport {
+impl<Io: MessageIo> Sink<ClientMessage<TimeServiceRequest>> for ClientTransport<Io> {
     type Error = Infallible;
 
     fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {

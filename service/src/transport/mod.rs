@@ -5,6 +5,8 @@
 //! - [`server`]: one socket shared by all clients; a reader demultiplexes
 //!   datagrams by peer address into one tarpc channel per peer.
 //! - [`face`]: what a server socket speaks, cerv's wire or NTP.
+//! - [`stream`]: the same messages over TCP or TLS, one frame each, with
+//!   the kernel's receive stamps; [`tcp`]: the TCP and TLS listener.
 //!
 //! Both sides follow the same rule: anything the network can do (garbage,
 //! loss, ICMP errors, a full queue) is dropped and counted, never turned
@@ -16,6 +18,8 @@ pub mod face;
 pub mod limit;
 pub mod server;
 pub mod socket;
+pub mod stream;
+pub mod tcp;
 
 use std::fmt;
 use std::io;

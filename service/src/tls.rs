@@ -1,0 +1,191 @@
+//! TLS for cerv and fient: rustls (with the `ring` provider, no OpenSSL),
+//! certificates and keys from PEM files, trust roots from a CA file or
+//! the system's store, and every handshake failure in one line a person
+//! can act on.
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{CertificateError, ClientConfig, RootCertStore, ServerConfig};
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+pub use rustls::{ClientConfig as TlsClientConfig, ServerConfig as TlsServerConfig};
+
+/// A certificate, key or trust file that cannot be used; the message names
+/// the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The file cannot be read or holds no PEM item of the kind wanted.
+    #[error("cannot use {what} '{path}': {reason}")]
+    File {
+        /// What the file should hold.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// rustls refused the configuration (a key that does not match the
+    /// certificate, say).
+    #[error("cannot set up TLS: {0}")]
+    Config(String),
+}
+
+fn file_error(what: &'static str, path: &Path, reason: impl ToString) -> TlsError {
+    TlsError::File {
+        what,
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads every certificate of a PEM file (the server's first, then its
+/// chain).
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error("certificate file", path, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_error("certificate file", path, e))?;
+    if certs.is_empty() {
+        return Err(file_error("certificate file", path, "no CERTIFICATE in it"));
+    }
+    Ok(certs)
+}
+
+/// Reads the private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_error("key file", path, e))
+}
+
+/// A server configuration from a certificate chain and key in PEM files,
+/// offering `alpn` (empty: none). `tls13_only` for NTS-KE, which RFC 8915
+/// allows only over TLS 1.3.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    alpn: &[&[u8]],
+    tls13_only: bool,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs = load_certs(cert)?;
+    let key = load_key(key)?;
+    let builder = ServerConfig::builder_with_provider(provider());
+    let builder = if tls13_only {
+        builder.with_protocol_versions(&[&rustls::version::TLS13])
+    } else {
+        builder.with_safe_default_protocol_versions()
+    }
+    .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = builder
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Config(format!("the key does not fit the certificate: {e}")))?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// The trust roots: the certificates of `ca` (PEM), or the system's store
+/// when `None`.
+pub fn roots(ca: Option<&Path>) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            for cert in load_certs(path)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| file_error("CA file", path, e))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                // A broken certificate in the system store is skipped.
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(TlsError::Config(
+                    "the system has no trust roots; give the CA with --ca".into(),
+                ));
+            }
+        }
+    }
+    Ok(roots)
+}
+
+/// A client configuration trusting `ca` (or the system's roots), offering
+/// `alpn`; TLS 1.3 only when `tls13_only`.
+pub fn client_config(
+    ca: Option<&Path>,
+    alpn: &[&[u8]],
+    tls13_only: bool,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider());
+    let builder = if tls13_only {
+        builder.with_protocol_versions(&[&rustls::version::TLS13])
+    } else {
+        builder.with_safe_default_protocol_versions()
+    }
+    .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = builder
+        .with_root_certificates(roots(ca)?)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// The name a client checks the server's certificate against: a DNS name
+/// or an IP address, as written in the source.
+pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
+    ServerName::try_from(host.to_string())
+        .map_err(|_| format!("'{host}' is not a valid TLS server name"))
+}
+
+/// What went wrong in a client's handshake (or later), in words.
+pub fn describe(e: &io::Error, host: &str) -> String {
+    let inner = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    let Some(err) = inner else {
+        return match e.kind() {
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => {
+                "the server closed the connection during the TLS handshake (is it a TLS port?)"
+                    .into()
+            }
+            _ => e.to_string(),
+        };
+    };
+    use rustls::Error as E;
+    match err {
+        E::InvalidCertificate(cert) => match cert {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                "the server's certificate has expired".into()
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "the server's certificate is not valid yet (is this clock far behind?)".into()
+            }
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                format!("the server's certificate is not valid for the name '{host}'")
+            }
+            CertificateError::UnknownIssuer => {
+                "the server's certificate is signed by an unknown issuer (give its CA with --ca)"
+                    .into()
+            }
+            CertificateError::BadSignature => "the server's certificate has a bad signature".into(),
+            CertificateError::Revoked => "the server's certificate has been revoked".into(),
+            other => format!("the server's certificate was refused: {other:?}"),
+        },
+        E::InvalidMessage(_) | E::InappropriateMessage { .. } | E::DecryptError => {
+            "the server does not speak TLS here (a plaintext port?), or the bytes were altered"
+                .into()
+        }
+        E::AlertReceived(alert) => format!("the server refused the handshake ({alert:?})"),
+        E::NoApplicationProtocol => {
+            "the server does not offer the protocol asked for (ALPN)".into()
+        }
+        other => format!("TLS failed: {other}"),
+    }
+}
