@@ -7,6 +7,7 @@
 //! - [`rpc`]: the tarpc service trait, [`TimeService`].
 //! - [`wire`]: the datagram format, decoded and validated.
 //! - [`ntp`]: the NTP packet format (RFC 5905, 7822), decoded and validated.
+//! - [`nts`]: Network Time Security (RFC 8915): NTS-KE records, cookies, NTS extension fields, pure.
 //! - [`auth`]: pre-shared keys and the tags that authenticate datagrams.
 //! - [`transport`]: tarpc over UDP, client and server side.
 //! - [`client`]: connect, probe and sync in a few lines.
@@ -18,6 +19,7 @@ pub mod client;
 pub mod clock;
 pub mod discipline;
 pub mod ntp;
+pub mod nts;
 pub mod rpc;
 pub mod signals;
 pub mod sync;

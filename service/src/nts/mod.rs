@@ -1,0 +1,2 @@
+//! Network Time Security (RFC 8915), the pure half.
+pub mod aead;
