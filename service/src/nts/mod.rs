@@ -1,2 +1,3 @@
 //! Network Time Security (RFC 8915), the pure half.
 pub mod aead;
+pub mod cookie;
