@@ -29,7 +29,7 @@ pub const NONCE_LEN: usize = 16;
 /// An AEAD algorithm NTS can negotiate (IANA "AEAD Algorithms" registry).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Aead {
-    /// AEAD_AES_SIV_CMAC_256, id 15: mandatory to implement (RFC 8915 §5.1).
+    /// AEAD_AES_SIV_CMAC_256, id 15: mandatory to implement (RFC 8915).
     AesSivCmac256,
 }
 

@@ -262,7 +262,8 @@ pub fn open_request(packet: &[u8], master: &MasterKeys) -> Result<NtsRequest, Nt
     let (nonce, ciphertext) = parse_authenticator(auth)?;
     let keys = master.open(cookie)?;
     let plain = decrypt(&keys.c2s, nonce, &packet[..auth_offset], ciphertext)?;
-    // Placeholders may also travel encrypted (RFC 8915 §5.7).
+    // Placeholders may also travel encrypted (RFC 8915 allows it, and
+    // chrony counts them too).
     for (kind, value) in inner_fields(&plain)? {
         if kind == COOKIE_PLACEHOLDER {
             same_length(&mut slot_len, value.len())?;
@@ -717,7 +718,7 @@ mod tests {
 
     #[test]
     fn placeholders_may_be_encrypted_too() {
-        // RFC 8915 §5.7: the client may put placeholders inside the
+        // RFC 8915 lets the client put placeholders inside the
         // authenticator; they count the same.
         let keys = session(1, 2);
         let cookie = master().seal(&keys, &[5; 16]);

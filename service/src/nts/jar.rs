@@ -12,7 +12,7 @@ pub struct CookieJar {
 }
 
 impl CookieJar {
-    /// Most cookies held: eight, as chrony and RFC 8915 §4.1.6 suggest.
+    /// Most cookies held: eight, as chrony holds and RFC 8915 suggests.
     pub const CAPACITY: usize = MAX_COOKIES;
 
     /// An empty jar.

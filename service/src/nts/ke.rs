@@ -43,7 +43,7 @@ pub const NTPV4: u16 = 0;
 /// Longest message accepted: chrony's limit (`NKE_MAX_MESSAGE_LENGTH`).
 /// A whole response with eight cookies is about 900 bytes.
 pub const MAX_MESSAGE_LEN: usize = 16384;
-/// Cookies a server sends in one response (RFC 8915 §4.1.6 suggests
+/// Cookies a server sends in one response (RFC 8915 suggests
 /// eight, chrony sends eight and keeps at most eight).
 pub const COOKIES_PER_RESPONSE: usize = 8;
 /// Longest cookie a client keeps: chrony's `NKE_MAX_COOKIE_LENGTH`.
@@ -51,7 +51,8 @@ pub const MAX_COOKIE_LEN: usize = 256;
 /// Longest NTPv4 server name a client accepts.
 pub const MAX_SERVER_NAME_LEN: usize = 255;
 
-/// Record types (RFC 8915 §7.6), without the critical bit.
+/// Record types (the IANA registry RFC 8915 creates), without the
+/// critical bit.
 pub mod kind {
     /// End of Message: the last record, critical, empty.
     pub const END_OF_MESSAGE: u16 = 0;
