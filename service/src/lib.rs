@@ -8,6 +8,7 @@
 //! - [`rpc`]: the tarpc service trait, [`TimeService`].
 //! - [`wire`]: the datagram format, decoded and validated.
 //! - [`ntp`]: the NTP packet format (RFC 5905, 7822), decoded and validated.
+//! - [`nts`]: Network Time Security (RFC 8915): NTS-KE records, cookies, NTS extension fields, pure.
 //! - [`auth`]: pre-shared keys and the tags that authenticate datagrams.
 //! - [`tls`]: rustls set up from PEM files, and handshake failures in words.
 //! - [`transport`]: tarpc over UDP, client and server side.
@@ -20,6 +21,7 @@ pub mod auth;
 pub mod clock;
 pub mod discipline;
 pub mod ntp;
+pub mod nts;
 pub mod rpc;
 pub mod select;
 pub mod signals;
