@@ -488,13 +488,11 @@ impl Source {
         self.spec.wire
     }
 
-    /// `ntp://127.0.0.1:123` (the cerv wire without a scheme): how reports
-    /// name the source.
+    /// The source as written, with its port: `ntp://127.0.0.1:123`,
+    /// `tls://localhost:8443` (cerv's UDP wire without a scheme). How
+    /// reports and errors name it.
     pub fn name(&self) -> String {
-        match self.spec.wire {
-            Wire::Cerv => self.server.to_string(),
-            wire => format!("{wire}://{}", self.server),
-        }
+        self.spec.to_string()
     }
 
     /// The wire's counters (over every connection, for stream wires).

@@ -400,11 +400,8 @@ impl<Io: MessageIo> Stream for ClientTransport<Io> {
                     // The socket itself is broken (or the stream ended): end
                     // the transport, which fails the calls in flight instead
                     // of spinning here.
-                    if e.kind() == io::ErrorKind::UnexpectedEof {
-                        tracing::debug!("the server closed the connection");
-                    } else {
-                        tracing::warn!(error = %e, "client socket failed");
-                    }
+                    // The caller reports the calls that fail because of it.
+                    tracing::debug!(error = %e, "client transport ended");
                     this.closed = true;
                     return Poll::Ready(None);
                 }

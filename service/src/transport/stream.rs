@@ -18,8 +18,9 @@
 //! true arrival, never earlier, so it only ever widens a bound. Under TLS
 //! the same stamp is taken from the TCP socket beneath the decryption.
 
-use super::client::MessageIo;
+use super::client::{ClientOptions, ClientTransport, MessageIo};
 use super::socket::{Arrival, Stamping, enable_timestamps, recv_stamped};
+use crate::clock::{Clock, SystemClock};
 use crate::time::Timestamp;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -281,6 +282,56 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> MessageIo for FramedIo<
             }
         }
     }
+}
+
+/// A plain tarpc transport to a cerv TCP listener: what any tarpc program
+/// needs to call the service over TCP.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use service::transport::client::client_config;
+/// use service::{TimeServiceClient, Timestamp};
+///
+/// let transport = service::transport::stream::connect_tcp("127.0.0.1:8081".parse()?).await?;
+/// let rpc = TimeServiceClient::new(client_config(), transport).spawn();
+/// let reply = rpc.probe(tarpc::context::current(), Timestamp::EPOCH).await?;
+/// # Ok(())
+/// # }
+/// ```
+pub async fn connect_tcp(
+    server: std::net::SocketAddr,
+) -> io::Result<ClientTransport<FramedIo<StampedTcp>>> {
+    let stream = StampedTcp::new(TcpStream::connect(server).await?, Stamping::Kernel)?;
+    let stamp = stream.stamp();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    Ok(ClientTransport::over(
+        FramedIo::new(stream, stamp),
+        clock,
+        ClientOptions::default(),
+    ))
+}
+
+/// Like [`connect_tcp`], inside TLS: the server's certificate is checked
+/// against `config`'s roots (see [`crate::tls::client_config`]) and
+/// `host`.
+pub async fn connect_tls(
+    server: std::net::SocketAddr,
+    host: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> io::Result<ClientTransport<FramedIo<tokio_rustls::client::TlsStream<StampedTcp>>>> {
+    let stream = StampedTcp::new(TcpStream::connect(server).await?, Stamping::Kernel)?;
+    let stamp = stream.stamp();
+    let name = crate::tls::server_name(host)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    Ok(ClientTransport::over(
+        FramedIo::new(tls, stamp),
+        clock,
+        ClientOptions::default(),
+    ))
 }
 
 #[cfg(test)]
