@@ -38,7 +38,25 @@ pub fn bin(name: &str) -> PathBuf {
             Some(other) => other.to_string(),
         };
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
+        let mut build = Command::new(cargo);
+        // cargo gives a test the variables of its package (CARGO_PKG_NAME,
+        // CARGO_MANIFEST_DIR, ...). Some build scripts (ring's) watch those
+        // very names, so a nested build that inherits them looks changed and
+        // recompiles them every time: build as from a plain shell.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_MANIFEST_")
+                || name.starts_with("CARGO_BIN_")
+                || name.starts_with("CARGO_CRATE_")
+                || name.starts_with("CARGO_PRIMARY_")
+                || name.starts_with("CARGO_TARGET_TMPDIR")
+                || name.starts_with("CARGO_RUSTC_CURRENT_DIR")
+            {
+                build.env_remove(&*name);
+            }
+        }
+        let status = build
             .args(["build", "--quiet", "--bins", "-p", "server", "-p", "client"])
             .args(["--profile", &profile])
             .current_dir(env!("CARGO_MANIFEST_DIR"))

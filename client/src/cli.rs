@@ -29,12 +29,25 @@ Exit codes:
 #[derive(Parser, Debug, Clone)]
 #[command(name = "fient", version, after_help = AFTER_HELP)]
 pub struct Args {
-    /// The server: host[:port] or cerv://host[:port] for cerv's wire (port
-    /// 8081 if left out), ntp://host[:port] for NTP (port 123),
-    /// tcp://host[:port] and tls://host[:port] for cerv's wire over TCP
-    /// (8081) and TLS (8443).
+    /// The servers (up to 16), asked at once: host[:port] or
+    /// cerv://host[:port] for cerv's wire (port 8081 if left out),
+    /// ntp://host[:port] for NTP (port 123), tcp://host[:port] and
+    /// tls://host[:port] for cerv's wire over TCP (8081) and TLS (8443).
+    /// `pool:` in front makes each address of the name a server of its own
+    /// (up to 4).
     #[arg(default_value = "127.0.0.1:8081", value_name = "SERVER")]
-    pub server: String,
+    pub servers: Vec<String>,
+
+    /// With several servers: how many must agree, at least (a majority of
+    /// those that answered always must).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub min_agree: usize,
+
+    /// With several servers: how the ones that agree are combined:
+    /// weighted-mean (weights 1/bound²), midpoint (of what they allow
+    /// together) or best (the tightest one's).
+    #[arg(long, default_value = "weighted-mean", value_name = "NAME")]
+    pub combine: service::select::Combine,
 
     /// Probe exchanges to make (1 to 64).
     #[arg(short = 'n', long, default_value_t = 5, value_name = "N")]
@@ -142,8 +155,10 @@ pub enum Correction {
 /// A validated invocation.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// The server as typed; resolved when the sync starts.
-    pub server: SourceSpec,
+    /// The servers as typed; resolved when the sync starts.
+    pub servers: Vec<SourceSpec>,
+    /// How several servers are selected and combined.
+    pub select: service::select::SelectParams,
     /// log2 of the interval between syncs, as NTP requests announce it.
     pub poll: i8,
     /// How to sync.
@@ -233,15 +248,38 @@ impl Args {
                 "must not be negative",
             ));
         }
-        let server: SourceSpec = self.server.parse()?;
-        let tls = match server.wire {
-            Wire::Tls => Some(service::tls::client_config(self.ca.as_deref(), &[], false)?),
-            _ => None,
+        let servers = self
+            .servers
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<Vec<SourceSpec>, _>>()?;
+        if servers.len() > service::ensemble::MAX_SOURCES {
+            return Err(bad(
+                "SERVER",
+                servers.len().to_string(),
+                "at most 16 servers",
+            ));
+        }
+        if !(1..=service::ensemble::MAX_SOURCES).contains(&self.min_agree) {
+            return Err(bad(
+                "--min-agree",
+                self.min_agree.to_string(),
+                "expected 1 to 16",
+            ));
+        }
+        let tls = if servers.iter().any(|s| s.wire == Wire::Tls) {
+            Some(service::tls::client_config(self.ca.as_deref(), &[], false)?)
+        } else {
+            None
         };
-        if !matches!(server.wire, Wire::Cerv | Wire::Tcp | Wire::Tls) && self.key_file.is_some() {
+        if let Some(s) = servers
+            .iter()
+            .find(|s| !matches!(s.wire, Wire::Cerv | Wire::Tcp | Wire::Tls))
+            && self.key_file.is_some()
+        {
             return Err(UsageError::WrongWire {
                 option: "--key-file",
-                wire: server.wire,
+                wire: s.wire,
             });
         }
         let key = match &self.key_file {
@@ -296,7 +334,12 @@ impl Args {
             discipline,
             watch,
             count: self.count,
-            server,
+            servers,
+            select: service::select::SelectParams {
+                min_agree: self.min_agree,
+                combine: self.combine,
+                ..service::select::SelectParams::default()
+            },
             poll: poll_of(watch),
             options: SyncOptions {
                 probes: self.probes,
@@ -352,7 +395,9 @@ mod tests {
     #[test]
     fn defaults() {
         let plan = parse(&[]).unwrap();
-        assert_eq!(plan.server.to_string(), "127.0.0.1:8081");
+        assert_eq!(plan.servers.len(), 1);
+        assert_eq!(plan.servers[0].to_string(), "127.0.0.1:8081");
+        assert_eq!(plan.select.min_agree, 1);
         assert_eq!(plan.poll, 6);
         assert_eq!(plan.options.probes, 5);
         assert_eq!(plan.options.timeout, Duration::from_millis(500));
@@ -377,7 +422,7 @@ mod tests {
             "--set",
         ])
         .unwrap();
-        assert_eq!(plan.server.to_string(), "[::1]:9");
+        assert_eq!(plan.servers[0].to_string(), "[::1]:9");
         assert_eq!(plan.options.probes, 9);
         assert_eq!(plan.options.timeout, Duration::from_millis(1500));
         assert_eq!(plan.options.retries, 0);
@@ -402,6 +447,8 @@ mod tests {
             (&["--count", "3"][..], "--watch"),
             (&["--force"][..], "--slew"),
             (&["ftp://x"][..], "unknown scheme 'ftp://'"),
+            (&["--min-agree", "0"][..], "invalid --min-agree '0'"),
+            (&["--combine", "vote"][..], "unknown combining rule 'vote'"),
             (
                 &["ntp://127.0.0.1", "--key-file", "/dev/null"][..],
                 "--key-file works with cerv's wire only",

@@ -13,7 +13,8 @@ pub mod watch;
 
 use service::clock::{Clock, ClockError, SystemClock};
 use service::discipline;
-use service::source::{Source, SourceOptions, SourceSpec, SyncError};
+use service::ensemble::{Ensemble, EnsembleError};
+use service::source::SourceOptions;
 use std::io::Write;
 use std::sync::Arc;
 
@@ -96,80 +97,85 @@ fn clock_failure(e: ClockError) -> Failure {
     }
 }
 
-/// Resolves the server and opens the source.
-async fn connect(plan: &cli::Plan, clock: Arc<dyn Clock>) -> Result<Source, Failure> {
-    let spec: &SourceSpec = &plan.server;
-    let server = spec
-        .resolve()
-        .await
-        .map_err(|e| Failure::new(Exit::Usage, e))?;
+/// Resolves the servers and opens them.
+async fn open(plan: &cli::Plan, clock: Arc<dyn Clock>) -> Result<Ensemble, Failure> {
     let options = SourceOptions {
         stamping: plan.stamping,
         key: plan.key.clone(),
         poll: plan.poll,
         tls: plan.tls.clone(),
     };
-    Source::open(spec.clone(), server, clock, options)
+    Ensemble::open(&plan.servers, clock, options, plan.select)
         .await
-        .map_err(|e| {
-            Failure::new(
-                Exit::NoAnswer,
-                anyhow::anyhow!("cannot open a socket toward {server}: {e}"),
-            )
+        .map_err(|e| match e {
+            EnsembleError::Address(_) | EnsembleError::Empty | EnsembleError::TooMany(_) => {
+                Failure::new(Exit::Usage, e)
+            }
+            EnsembleError::Open(..) => Failure::new(Exit::NoAnswer, e),
         })
 }
 
+/// Whether the run reports one source in detail (one server named, not a
+/// pool), as fient always has, rather than a table of sources.
+fn single(plan: &cli::Plan, ensemble: &Ensemble) -> bool {
+    plan.servers.len() == 1 && !plan.servers[0].pool && ensemble.members().len() == 1
+}
+
 /// Runs one invocation against `clock`, writing results to `out`: one
-/// sync, or with `--watch` a sync every interval until `shutdown`
-/// completes. Errors are returned, not printed.
+/// sync of every server, or with `--watch` one every interval until
+/// `shutdown` completes. Errors are returned, not printed.
 pub async fn run(
     plan: &cli::Plan,
     clock: Arc<dyn Clock>,
     out: &mut (dyn Write + Send),
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Failure> {
-    let source = connect(plan, clock.clone()).await?;
+    let ensemble = open(plan, clock.clone()).await?;
     if let Some(interval) = plan.watch {
-        return watch::run(plan, &source, clock, interval, out, shutdown).await;
+        return watch::run(plan, &ensemble, clock, interval, out, shutdown).await;
     }
-    let report = match source.sync(&plan.options).await {
-        Ok(report) => report,
-        Err(e) => {
-            if plan.json {
-                report::write_json_error(out, &source, &e)
-                    .map_err(|e| Failure::new(Exit::NoAnswer, e))?;
-            }
-            return Err(match e {
-                SyncError::NoAnswer(_) | SyncError::Estimate { .. } | SyncError::Connect { .. } => {
-                    Failure::new(Exit::NoAnswer, e)
-                }
-            });
+    let round = ensemble.sync(&plan.options).await;
+    let single = single(plan, &ensemble);
+    let written = |r: std::io::Result<()>| {
+        r.map_err(|e| {
+            Failure::new(
+                Exit::NoAnswer,
+                anyhow::anyhow!("cannot write the report: {e}"),
+            )
+        })
+    };
+    let Some(combined) = round.combined() else {
+        if plan.json {
+            written(report::write_round_json(
+                out, &ensemble, &round, None, single,
+            ))?;
+        } else if !single {
+            written(report::write_round_human(out, &ensemble, &round, None))?;
         }
+        let why = round
+            .failure(&ensemble.names())
+            .unwrap_or_else(|| "no answer".into());
+        return Err(Failure::new(Exit::NoAnswer, anyhow::anyhow!(why)));
     };
 
-    let offset = report.estimate.offset;
+    let offset = combined.offset;
     let decided = match plan.correction {
         cli::Correction::None => discipline::Action::None,
         cli::Correction::Step => discipline::Action::Step(offset),
         cli::Correction::Slew => {
             // One sync: the discipline's step-or-slew rule, no frequency.
             let mut d = discipline::Discipline::new(plan.discipline, 0);
-            d.update(report.local_time(), offset, service::Nanos::ZERO)
+            d.update(combined.reference, offset, service::Nanos::ZERO)
                 .action
         }
     };
     let (action, error) = apply(&*clock, decided, None);
 
-    let rendered = if plan.json {
-        report::write_json(out, &report, action)
-    } else {
-        report::write_human(out, &report, action)
-    };
-    rendered.map_err(|e| {
-        Failure::new(
-            Exit::NoAnswer,
-            anyhow::anyhow!("cannot write the report: {e}"),
-        )
+    let report = round.results.first().and_then(|r| r.as_ref().ok());
+    written(match (plan.json, single, report) {
+        (false, true, Some(report)) => report::write_human(out, report, action),
+        (false, _, _) => report::write_round_human(out, &ensemble, &round, Some(action)),
+        (true, _, _) => report::write_round_json(out, &ensemble, &round, Some(action), single),
     })?;
 
     match (error, action) {

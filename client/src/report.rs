@@ -4,8 +4,9 @@
 
 use crate::ClockAction;
 use serde::Serialize;
+use service::ensemble::{Ensemble, Round, Status};
 use service::ntp::ServerState;
-use service::source::{Source, SyncError, SyncReport};
+use service::source::{SyncError, SyncReport};
 use service::sync::Estimator;
 use service::time::{Nanos, Timestamp};
 use std::collections::BTreeMap;
@@ -127,9 +128,10 @@ struct JsonReport {
     now: Option<JsonNow>,
     estimates: BTreeMap<&'static str, JsonEstimate>,
     clock: JsonClock,
+    sources: Vec<JsonSource>,
 }
 
-/// The `--json` document for a failed sync.
+/// The `--json` document for a failed sync of one source.
 #[derive(Serialize)]
 struct JsonFailure {
     schema: u32,
@@ -137,6 +139,100 @@ struct JsonFailure {
     server: String,
     protocol: &'static str,
     error: String,
+    sources: Vec<JsonSource>,
+}
+
+/// One source in the `sources` array.
+#[derive(Serialize)]
+struct JsonSource {
+    source: String,
+    server: String,
+    protocol: &'static str,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<usize>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    server_clock: Option<JsonServerClock>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset_ns: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_bound_ns: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset_low_ns: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset_high_ns: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    min_rtt_ns: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    samples_used: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    samples_lost: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// The `--json` document of several sources (or a pool).
+#[derive(Serialize)]
+struct JsonRound {
+    schema: u32,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset_ns: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_bound_ns: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset_low_ns: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset_high_ns: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    local_time: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    synchronized_time: Option<String>,
+    answered: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agreeing: Option<usize>,
+    needed: usize,
+    combine: &'static str,
+    elapsed_ns: i64,
+    sources: Vec<JsonSource>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    clock: Option<JsonClock>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// Each source of a round, as the `sources` array lists them.
+fn json_sources(ensemble: &Ensemble, round: &Round) -> Vec<JsonSource> {
+    ensemble
+        .members()
+        .iter()
+        .zip(&round.results)
+        .enumerate()
+        .map(|(i, (member, result))| {
+            let status = round.status(i);
+            let report = result.as_ref().ok();
+            let e = report.map(|r| r.estimate);
+            JsonSource {
+                source: member.name(),
+                server: member.source.server().to_string(),
+                protocol: member.source.wire().scheme(),
+                status: status.name(),
+                group: match status {
+                    Status::NoMajority(g) => Some(g),
+                    _ => None,
+                },
+                server_clock: report.and_then(|r| json_server_clock(&r.server_state)),
+                offset_ns: e.map(|e| e.offset.as_nanos()),
+                error_bound_ns: e.map(|e| e.bound().as_nanos()),
+                offset_low_ns: e.map(|e| e.low.as_nanos()),
+                offset_high_ns: e.map(|e| e.high.as_nanos()),
+                min_rtt_ns: report.map(|r| r.min_rtt.as_nanos()),
+                samples_used: report.map(|r| r.samples.len()),
+                samples_lost: report.map(|r| r.lost),
+                error: result.as_ref().err().map(ToString::to_string),
+            }
+        })
+        .collect()
 }
 
 fn json_estimate(e: &service::sync::Estimate) -> JsonEstimate {
@@ -148,8 +244,76 @@ fn json_estimate(e: &service::sync::Estimate) -> JsonEstimate {
     }
 }
 
-/// Writes the report as one line of JSON.
-pub fn write_json(out: &mut dyn Write, report: &SyncReport, action: ClockAction) -> io::Result<()> {
+/// Writes a round as one line of JSON: for one source, its full report
+/// (and the `sources` array); for several, the combined answer and each
+/// source's figures and status. `action` is `None` when there is no
+/// answer.
+pub fn write_round_json(
+    out: &mut dyn Write,
+    ensemble: &Ensemble,
+    round: &Round,
+    action: Option<ClockAction>,
+    single: bool,
+) -> io::Result<()> {
+    let sources = json_sources(ensemble, round);
+    match (single, round.results.first(), action) {
+        (true, Some(Ok(report)), Some(action)) => write_json(out, report, action, sources),
+        (true, Some(Err(e)), _) => {
+            let member = &ensemble.members()[0];
+            let doc = JsonFailure {
+                schema: JSON_SCHEMA_VERSION,
+                status: failure_status(e),
+                server: member.source.server().to_string(),
+                protocol: member.source.wire().scheme(),
+                error: e.to_string(),
+                sources,
+            };
+            serde_json::to_writer(&mut *out, &doc)?;
+            writeln!(out)
+        }
+        _ => {
+            let combined = round.combined();
+            let needed = match &round.selection {
+                Ok(sel) => sel.needed,
+                Err(service::select::SelectError::NoMajority { needed, .. }) => *needed,
+                Err(_) => 0,
+            };
+            let status = match (&combined, round.answered()) {
+                (Some(_), _) => "synced",
+                (None, 0) => "no_answer",
+                (None, _) => "no_majority",
+            };
+            let doc = JsonRound {
+                schema: JSON_SCHEMA_VERSION,
+                status,
+                offset_ns: combined.map(|c| c.offset.as_nanos()),
+                error_bound_ns: combined.map(|c| c.bound().as_nanos()),
+                offset_low_ns: combined.map(|c| c.low.as_nanos()),
+                offset_high_ns: combined.map(|c| c.high.as_nanos()),
+                local_time: combined.map(|c| c.reference.to_string()),
+                synchronized_time: combined.map(|c| c.synchronized_time().to_string()),
+                answered: round.answered(),
+                agreeing: combined.map(|c| c.agreeing),
+                needed,
+                combine: ensemble.params().combine.name(),
+                elapsed_ns: Nanos::from_duration(round.elapsed).as_nanos(),
+                sources,
+                clock: action.map(json_clock),
+                error: round.failure(&ensemble.names()),
+            };
+            serde_json::to_writer(&mut *out, &doc)?;
+            writeln!(out)
+        }
+    }
+}
+
+/// Writes one source's report as one line of JSON.
+fn write_json(
+    out: &mut dyn Write,
+    report: &SyncReport,
+    action: ClockAction,
+    sources: Vec<JsonSource>,
+) -> io::Result<()> {
     let e = &report.estimate;
     let doc = JsonReport {
         schema: JSON_SCHEMA_VERSION,
@@ -196,19 +360,7 @@ pub fn write_json(out: &mut dyn Write, report: &SyncReport, action: ClockAction)
             .map(|e| (e.estimator.name(), json_estimate(e)))
             .collect(),
         clock: json_clock(action),
-    };
-    serde_json::to_writer(&mut *out, &doc)?;
-    writeln!(out)
-}
-
-/// Writes the JSON document of a failed sync.
-pub fn write_json_error(out: &mut dyn Write, source: &Source, error: &SyncError) -> io::Result<()> {
-    let doc = JsonFailure {
-        schema: JSON_SCHEMA_VERSION,
-        status: failure_status(error),
-        server: source.server().to_string(),
-        protocol: source.wire().scheme(),
-        error: error.to_string(),
+        sources,
     };
     serde_json::to_writer(&mut *out, &doc)?;
     writeln!(out)
@@ -339,6 +491,98 @@ pub fn write_human(
         line(out, "other estimators", others.join(", "))?;
     }
     if let Some(what) = describe_action(action) {
+        line(out, "clock", what)?;
+    }
+    Ok(())
+}
+
+/// Writes a round for people: one row per source, then the combined
+/// answer (or why there is none). `action` is `None` when there is no
+/// answer.
+pub fn write_round_human(
+    out: &mut dyn Write,
+    ensemble: &Ensemble,
+    round: &Round,
+    action: Option<ClockAction>,
+) -> io::Result<()> {
+    let names = ensemble.names();
+    let width = names
+        .iter()
+        .map(|n| n.chars().count())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    writeln!(
+        out,
+        "{} sources, {} answered, in {:.1}ms",
+        names.len(),
+        round.answered(),
+        round.elapsed.as_secs_f64() * 1e3
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "  {:<width$}  {:<4}  {:>17}  {:>11}  {:>11}  {:>7}  status",
+        "source", "wire", "offset", "bound", "rtt", "samples"
+    )?;
+    for (i, (name, result)) in names.iter().zip(&round.results).enumerate() {
+        let status = round.status(i);
+        let mark = match status {
+            Status::Selected => '*',
+            Status::Agrees => '+',
+            Status::Falseticker => 'x',
+            Status::NoMajority(_) => '?',
+            _ => ' ',
+        };
+        let wire = ensemble.members()[i].source.wire().scheme();
+        match result {
+            Ok(r) => writeln!(
+                out,
+                "{mark} {name:<width$}  {wire:<4}  {:>17}  {:>11}  {:>11}  {:>3}/{:<3}  {status}",
+                format!("{:+#}", r.estimate.offset),
+                format!("±{}", r.estimate.bound()),
+                r.min_rtt.to_string(),
+                r.samples.len(),
+                r.lost,
+            )?,
+            Err(e) => writeln!(
+                out,
+                "{mark} {name:<width$}  {wire:<4}  {:>17}  {:>11}  {:>11}  {:>7}  {status}: {e}",
+                "-", "-", "-", "-"
+            )?,
+        }
+    }
+    writeln!(out)?;
+    let line =
+        |out: &mut dyn Write, label: &str, value: String| writeln!(out, "{label:<19} {value}");
+    match round.combined() {
+        Some(c) => {
+            line(
+                out,
+                "combined",
+                format!(
+                    "{:+#} ± {}  ({} of {} agree, {} needed; {})",
+                    c.offset,
+                    c.bound(),
+                    c.agreeing,
+                    c.answered,
+                    c.needed,
+                    ensemble.params().combine
+                ),
+            )?;
+            line(out, "local time", c.reference.to_string())?;
+            line(out, "synchronized time", stamp(c.synchronized_time()))?;
+        }
+        None => line(
+            out,
+            "combined",
+            format!(
+                "none: {}",
+                round.failure(&names).unwrap_or_else(|| "no answer".into())
+            ),
+        )?,
+    }
+    if let Some(what) = action.and_then(describe_action) {
         line(out, "clock", what)?;
     }
     Ok(())

@@ -8,23 +8,29 @@
 //! that the clock stops drifting between syncs (see
 //! [`service::discipline`]).
 //!
-//! A server that does not answer is reported and asked again later, the
-//! wait doubling up to 64 intervals (quadrupling after a Kiss-o'-Death
-//! RATE); a DENY or RSTR ends the watch (exit 1). Ctrl-C or SIGTERM ends
-//! it cleanly (exit 0), as does `--count`.
+//! With several servers, each round asks them all at once and the clock
+//! follows their combined answer, never a falseticker's. A source whose
+//! status changes (it falls silent, starts lying, comes back) is reported
+//! in a line of its own, once, when it changes.
+//!
+//! A round with no answer is reported and tried again later, the wait
+//! doubling up to 64 intervals (quadrupling after a Kiss-o'-Death RATE);
+//! when every source has denied us (DENY, RSTR) the watch ends (exit 1).
+//! Ctrl-C or SIGTERM ends it cleanly (exit 0), as does `--count`.
 
 use crate::{ClockAction, Exit, Failure, apply, clock_failure, report};
 use serde::Serialize;
 use service::clock::Clock;
 use service::discipline::Discipline;
-use service::source::{Source, SyncReport, spread};
-use service::time::Nanos;
+use service::ensemble::{Combined, Ensemble, Round, Status};
+use service::source::spread;
+use service::time::{Nanos, Timestamp};
 use std::future::Future;
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The longest wait between tries while the server is away.
+/// The longest wait between tries while no answer comes.
 const MAX_BACKOFF: u32 = 64;
 
 /// `+41.203 ppm` from parts per billion, without going through a float.
@@ -34,13 +40,23 @@ pub fn ppm(ppb: i64) -> String {
     format!("{sign}{}.{:03} ppm", m / 1_000, m % 1_000)
 }
 
-/// One line of `--watch --json`.
+/// A source's status in a `--watch --json` line.
 #[derive(Serialize)]
-struct WatchLine<'a> {
+struct WatchSource {
+    source: String,
+    status: &'static str,
+}
+
+/// One line of `--watch --json`.
+#[derive(Serialize, Default)]
+struct WatchLine {
     schema: u32,
     time: String,
-    server: String,
-    protocol: &'static str,
+    /// One source: its address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    protocol: Option<&'static str>,
     status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     offset_ns: Option<i64>,
@@ -58,8 +74,15 @@ struct WatchLine<'a> {
     samples_used: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     samples_lost: Option<u32>,
+    /// Several sources: how many answered and agreed.
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'a str>,
+    answered: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agreeing: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sources: Option<Vec<WatchSource>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     next_try_ms: Option<u128>,
 }
@@ -74,101 +97,137 @@ fn action_parts(action: ClockAction) -> (&'static str, Option<i64>) {
     }
 }
 
-/// Writes the line of one successful sync.
-fn write_synced(
-    out: &mut dyn Write,
-    json: bool,
-    report: &SyncReport,
-    drift_ppb: Option<i64>,
-    correction_ppb: Option<i64>,
-    action: ClockAction,
-) -> std::io::Result<()> {
-    let e = &report.estimate;
-    if json {
-        let (name, amount) = action_parts(action);
-        let line = WatchLine {
-            schema: report::JSON_SCHEMA_VERSION,
-            time: report.local_time().to_string(),
-            server: report.server.to_string(),
-            protocol: report.wire.scheme(),
-            status: "synced",
-            offset_ns: Some(e.offset.as_nanos()),
-            error_bound_ns: Some(e.bound().as_nanos()),
-            drift_ppm: drift_ppb.map(|p| p as f64 / 1e3),
-            frequency_correction_ppm: correction_ppb.map(|p| p as f64 / 1e3),
-            action: Some(name),
-            correction_ns: amount,
-            samples_used: Some(report.samples.len()),
-            samples_lost: Some(report.lost),
-            error: None,
-            next_try_ms: None,
-        };
-        serde_json::to_writer(&mut *out, &line)?;
-        writeln!(out)?;
-    } else {
-        write!(
-            out,
-            "{}  offset {:+#} ± {}",
-            report.local_time(),
-            e.offset,
-            e.bound()
-        )?;
-        match drift_ppb {
-            Some(d) => write!(out, "  drift {}", ppm(d))?,
-            None => write!(out, "  drift (measuring)")?,
-        }
-        if let Some(what) = report::describe_action(action) {
-            write!(out, "  {what}")?;
-        }
-        writeln!(
-            out,
-            "  ({} samples, {} lost)",
-            report.samples.len(),
-            report.lost
-        )?;
-    }
-    out.flush()
+/// What one line says, whichever form it takes.
+struct Line<'a> {
+    single: bool,
+    ensemble: &'a Ensemble,
+    round: &'a Round,
 }
 
-/// Writes the line of a sync that got no answer.
-fn write_missed(
-    out: &mut dyn Write,
-    json: bool,
-    at: service::Timestamp,
-    source: &Source,
-    error: &str,
-    next: Duration,
-) -> std::io::Result<()> {
-    if json {
-        let line = WatchLine {
-            schema: report::JSON_SCHEMA_VERSION,
-            time: at.to_string(),
-            server: source.server().to_string(),
-            protocol: source.wire().scheme(),
-            status: "no_answer",
-            offset_ns: None,
-            error_bound_ns: None,
-            drift_ppm: None,
-            frequency_correction_ppm: None,
-            action: None,
-            correction_ns: None,
-            samples_used: None,
-            samples_lost: None,
-            error: Some(error),
-            next_try_ms: Some(next.as_millis()),
+impl Line<'_> {
+    /// The fields every line of this round shares.
+    fn base(&self, time: Timestamp, status: &'static str) -> WatchLine {
+        let member = &self.ensemble.members()[0];
+        let (server, protocol) = if self.single {
+            (
+                Some(member.source.server().to_string()),
+                Some(member.source.wire().scheme()),
+            )
+        } else {
+            (None, None)
         };
-        serde_json::to_writer(&mut *out, &line)?;
-        writeln!(out)?;
-    } else {
-        writeln!(out, "{at}  {error}; next try in {:.1}s", next.as_secs_f64())?;
+        let sources = (!self.single).then(|| {
+            self.ensemble
+                .members()
+                .iter()
+                .enumerate()
+                .map(|(i, m)| WatchSource {
+                    source: m.name(),
+                    status: self.round.status(i).name(),
+                })
+                .collect()
+        });
+        WatchLine {
+            schema: report::JSON_SCHEMA_VERSION,
+            time: time.to_string(),
+            server,
+            protocol,
+            status,
+            answered: (!self.single).then(|| self.round.answered()),
+            sources,
+            ..WatchLine::default()
+        }
     }
-    out.flush()
+
+    /// Samples used and lost over the sources that answered.
+    fn samples(&self) -> (usize, u32) {
+        self.round
+            .results
+            .iter()
+            .flatten()
+            .fold((0, 0), |(u, l), r| (u + r.samples.len(), l + r.lost))
+    }
+
+    fn synced(
+        &self,
+        out: &mut dyn Write,
+        json: bool,
+        c: &Combined,
+        drift_ppb: Option<i64>,
+        correction_ppb: Option<i64>,
+        action: ClockAction,
+    ) -> std::io::Result<()> {
+        let (used, lost) = self.samples();
+        if json {
+            let (name, amount) = action_parts(action);
+            let line = WatchLine {
+                offset_ns: Some(c.offset.as_nanos()),
+                error_bound_ns: Some(c.bound().as_nanos()),
+                drift_ppm: drift_ppb.map(|p| p as f64 / 1e3),
+                frequency_correction_ppm: correction_ppb.map(|p| p as f64 / 1e3),
+                action: Some(name),
+                correction_ns: amount,
+                samples_used: Some(used),
+                samples_lost: Some(lost),
+                agreeing: (!self.single).then_some(c.agreeing),
+                ..self.base(c.reference, "synced")
+            };
+            serde_json::to_writer(&mut *out, &line)?;
+            writeln!(out)?;
+        } else {
+            write!(
+                out,
+                "{}  offset {:+#} ± {}",
+                c.reference,
+                c.offset,
+                c.bound()
+            )?;
+            if !self.single {
+                write!(out, "  ({} of {} agree)", c.agreeing, c.answered)?;
+            }
+            match drift_ppb {
+                Some(d) => write!(out, "  drift {}", ppm(d))?,
+                None => write!(out, "  drift (measuring)")?,
+            }
+            if let Some(what) = report::describe_action(action) {
+                write!(out, "  {what}")?;
+            }
+            writeln!(out, "  ({used} samples, {lost} lost)")?;
+        }
+        out.flush()
+    }
+
+    fn missed(
+        &self,
+        out: &mut dyn Write,
+        json: bool,
+        at: Timestamp,
+        error: &str,
+        next: Duration,
+    ) -> std::io::Result<()> {
+        if json {
+            let status = match self.round.answered() {
+                0 => "no_answer",
+                _ => "no_majority",
+            };
+            let line = WatchLine {
+                error: Some(error.to_string()),
+                next_try_ms: Some(next.as_millis()),
+                ..self.base(at, status)
+            };
+            serde_json::to_writer(&mut *out, &line)?;
+            writeln!(out)?;
+        } else {
+            writeln!(out, "{at}  {error}; next try in {:.1}s", next.as_secs_f64())?;
+        }
+        out.flush()
+    }
 }
 
 /// The watch loop; see the module documentation.
 pub async fn run(
     plan: &crate::cli::Plan,
-    source: &Source,
+    ensemble: &Ensemble,
     clock: Arc<dyn Clock>,
     interval: Duration,
     out: &mut (dyn Write + Send),
@@ -182,6 +241,8 @@ pub async fn run(
             )
         })
     };
+    let single = crate::single(plan, ensemble);
+    let names = ensemble.names();
     let correcting = plan.discipline.correct;
     let baseline = if correcting {
         clock.frequency().map_err(clock_failure)?
@@ -191,14 +252,29 @@ pub async fn run(
     let mut discipline = Discipline::new(plan.discipline, baseline);
     let mut wait = interval;
     let mut syncs = 0u64;
+    let mut last_status: Vec<Option<Status>> = vec![None; names.len()];
     tokio::pin!(shutdown);
     loop {
-        let outcome = tokio::select! {
+        let round = tokio::select! {
             () = &mut shutdown => return Ok(()),
-            outcome = source.sync(&plan.options) => outcome,
+            round = ensemble.sync(&plan.options) => round,
         };
-        match outcome {
-            Ok(report) => {
+        let line = Line {
+            single,
+            ensemble,
+            round: &round,
+        };
+        if !single && !plan.json {
+            written(report_changes(
+                out,
+                &round,
+                &names,
+                &mut last_status,
+                clock.now(),
+            ))?;
+        }
+        match round.combined() {
+            Some(c) => {
                 // Cancel the slew under way to learn how much of it is left:
                 // the discipline needs to know what took effect.
                 let slew_left = if correcting {
@@ -206,40 +282,31 @@ pub async fn run(
                 } else {
                     Nanos::ZERO
                 };
-                let update =
-                    discipline.update(report.local_time(), report.estimate.offset, slew_left);
+                let update = discipline.update(c.reference, c.offset, slew_left);
                 let (action, error) = apply(&*clock, update.action, update.set_frequency_ppb);
                 let correction = correcting.then(|| discipline.frequency_ppb());
-                written(write_synced(
-                    out,
-                    plan.json,
-                    &report,
-                    update.drift_ppb,
-                    correction,
-                    action,
-                ))?;
+                written(line.synced(out, plan.json, &c, update.drift_ppb, correction, action))?;
                 if let Some(e) = error {
                     return Err(clock_failure(e));
                 }
                 wait = interval;
             }
-            Err(e) => {
+            None => {
                 // A server that asks us to slow down gets four times the
                 // wait at once; one that denies us is asked no more.
-                let factor = if e.kiss().is_some() { 4 } else { 2 };
+                let rate_limited = (0..names.len()).any(|i| round.status(i) == Status::RateLimited);
+                let factor = if rate_limited { 4 } else { 2 };
                 wait = (wait * factor).min(interval * MAX_BACKOFF);
-                written(write_missed(
-                    out,
-                    plan.json,
-                    clock.now(),
-                    source,
-                    &e.to_string(),
-                    wait,
-                ))?;
-                if let Some(kiss) = source.stopped_by() {
+                let why = round.failure(&names).unwrap_or_else(|| "no answer".into());
+                written(line.missed(out, plan.json, clock.now(), &why, wait))?;
+                if ensemble
+                    .members()
+                    .iter()
+                    .all(|m| m.source.stopped_by().is_some())
+                {
                     return Err(Failure::new(
                         Exit::NoAnswer,
-                        anyhow::anyhow!("{}: {kiss}; no longer asking it", source.name()),
+                        anyhow::anyhow!("every server denies us access; no longer asking"),
                     ));
                 }
             }
@@ -253,6 +320,36 @@ pub async fn run(
             () = tokio::time::sleep(spread(wait)) => {}
         }
     }
+}
+
+/// Writes a line for each source whose status changed since the last
+/// round (on the first round, for each that does not agree).
+fn report_changes(
+    out: &mut dyn Write,
+    round: &Round,
+    names: &[String],
+    last: &mut [Option<Status>],
+    at: Timestamp,
+) -> std::io::Result<()> {
+    for (i, name) in names.iter().enumerate() {
+        let now = round.status(i);
+        let agreeing = |s: Status| matches!(s, Status::Selected | Status::Agrees);
+        let changed = match last[i] {
+            None => !agreeing(now),
+            // Selected and agrees trade places as bounds vary: not news.
+            Some(before) => before != now && !(agreeing(before) && agreeing(now)),
+        };
+        if changed {
+            match (last[i], &round.results[i]) {
+                (Some(before), Err(e)) => writeln!(out, "{at}  {name}: {now} (was {before}): {e}")?,
+                (Some(before), Ok(_)) => writeln!(out, "{at}  {name}: {now} (was {before})")?,
+                (None, Err(e)) => writeln!(out, "{at}  {name}: {now}: {e}")?,
+                (None, Ok(_)) => writeln!(out, "{at}  {name}: {now}")?,
+            }
+        }
+        last[i] = Some(now);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -398,11 +398,7 @@ async fn connect_keyed(addr: SocketAddr, key: Option<Key>) -> Source {
         key,
         ..SourceOptions::default()
     };
-    let spec = SourceSpec {
-        wire: Wire::Cerv,
-        host: addr.ip().to_string(),
-        port: addr.port(),
-    };
+    let spec = SourceSpec::new(Wire::Cerv, addr);
     Source::open(spec, addr, Arc::new(SystemClock), options)
         .await
         .unwrap()

@@ -34,11 +34,7 @@ async fn start(offset: Nanos, rate_limit: RateLimit) -> Running {
 }
 
 fn ntp_source_spec(addr: SocketAddr) -> SourceSpec {
-    SourceSpec {
-        wire: Wire::Ntp,
-        host: addr.ip().to_string(),
-        port: addr.port(),
-    }
+    SourceSpec::new(Wire::Ntp, addr)
 }
 
 #[tokio::test]

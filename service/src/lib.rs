@@ -15,11 +15,13 @@
 //! - [`source`]: one server over one wire (cerv's or NTP): connect, probe and
 //!   sync, with retries, Kiss-o'-Death handling and an honest estimate.
 //! - [`signals`]: Ctrl-C and SIGTERM, for the binaries.
+//! - [`ensemble`]: several sources asked at once, selected and combined.
 //! - [`synced`]: [`synced::SyncedClock`], an interval that holds the server's time, kept in sync in the background.
 
 pub mod auth;
 pub mod clock;
 pub mod discipline;
+pub mod ensemble;
 pub mod ntp;
 pub mod nts;
 pub mod rpc;

@@ -189,11 +189,7 @@ impl SyncedClock {
         // Each sync must allow at least the drift the answers assume.
         let params = &mut config.sync.params;
         params.max_drift_ppm = params.max_drift_ppm.max(config.max_drift_ppm);
-        let spec = SourceSpec {
-            wire: Wire::Cerv,
-            host: server.ip().to_string(),
-            port: server.port(),
-        };
+        let spec = SourceSpec::new(Wire::Cerv, server);
         let client = Source::open(spec, server, clock.clone(), config.client.clone()).await?;
         let state = Arc::new(Mutex::new(State::default()));
         let task = tokio::spawn(keep_in_sync(

@@ -465,11 +465,7 @@ impl Source {
     /// The cerv wire to `server`, with another clock (a shorthand for
     /// tests and examples).
     pub async fn cerv(server: SocketAddr, clock: Arc<dyn Clock>) -> io::Result<Source> {
-        let spec = SourceSpec {
-            wire: Wire::Cerv,
-            host: server.ip().to_string(),
-            port: server.port(),
-        };
+        let spec = SourceSpec::new(Wire::Cerv, server);
         Source::open(spec, server, clock, SourceOptions::default()).await
     }
 

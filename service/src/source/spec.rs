@@ -10,10 +10,46 @@
 //!
 //! Hosts are names, IPv4 addresses or IPv6 addresses (bracketed when a
 //! port follows: `[::1]:8081`, `ntp://[::1]:123`).
+//!
+//! **Pools.** `pool:` in front (`pool:ntp://pool.example.org`) makes every
+//! address the name resolves to a source of its own (up to
+//! [`POOL_MAX`]), as chrony's `pool` directive does; without it a name is
+//! one source, its first address.
 
 use std::fmt;
+use std::future::Future;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::str::FromStr;
+
+/// The most addresses a pool contributes (chrony's default `maxsources`).
+pub const POOL_MAX: usize = 4;
+
+/// How names become addresses: the system's resolver, or another (a test's
+/// table of names).
+pub trait Resolve: Send + Sync {
+    /// Every address `host` has, with `port`.
+    fn lookup<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>>;
+}
+
+/// The system's resolver (`getaddrinfo`, through Tokio).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    fn lookup<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>> {
+        Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
+    }
+}
 
 /// The protocol a source speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -73,6 +109,8 @@ pub struct SourceSpec {
     pub host: String,
     /// The port (the wire's default when none was written).
     pub port: u16,
+    /// Every address of the name is a source (`pool:`).
+    pub pool: bool,
 }
 
 /// A source that cannot be used; the message names the input.
@@ -97,6 +135,10 @@ impl FromStr for SourceSpec {
 
     fn from_str(input: &str) -> Result<SourceSpec, AddressError> {
         let trimmed = input.trim();
+        let (pool, trimmed) = match trimmed.get(..5) {
+            Some(p) if p.eq_ignore_ascii_case("pool:") => (true, &trimmed[5..]),
+            _ => (false, trimmed),
+        };
         let (wire, rest) = match trimmed.split_once("://") {
             None => (Wire::Cerv, trimmed),
             Some((scheme, rest)) => {
@@ -160,6 +202,7 @@ impl FromStr for SourceSpec {
             wire,
             host: host.to_owned(),
             port,
+            pool,
         })
     }
 }
@@ -168,6 +211,9 @@ impl fmt::Display for SourceSpec {
     /// `ntp://[::1]:123`; the cerv wire without a scheme, as it is
     /// usually written.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.pool {
+            f.write_str("pool:")?;
+        }
         if self.wire != Wire::Cerv {
             write!(f, "{}://", self.wire)?;
         }
@@ -183,14 +229,25 @@ impl SourceSpec {
     /// Every address the host resolves to (a name may have several, as a
     /// pool does), with unusable ones refused by name.
     pub async fn resolve_all(&self) -> Result<Vec<SocketAddr>, AddressError> {
+        self.resolve_all_with(&SystemResolver).await
+    }
+
+    /// Like [`resolve_all`](Self::resolve_all), with another resolver.
+    pub async fn resolve_all_with(
+        &self,
+        resolver: &dyn Resolve,
+    ) -> Result<Vec<SocketAddr>, AddressError> {
         let input = self.to_string();
-        let addrs: Vec<SocketAddr> = match self.host.parse::<IpAddr>() {
+        let mut addrs: Vec<SocketAddr> = match self.host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, self.port)],
-            Err(_) => tokio::net::lookup_host((self.host.as_str(), self.port))
+            Err(_) => resolver
+                .lookup(&self.host, self.port)
                 .await
-                .map_err(|e| AddressError::new(&input, e.to_string()))?
-                .collect(),
+                .map_err(|e| AddressError::new(&input, e.to_string()))?,
         };
+        // getaddrinfo lists an address once per socket type.
+        let mut seen = std::collections::HashSet::new();
+        addrs.retain(|a| seen.insert(*a));
         if addrs.is_empty() {
             return Err(AddressError::new(&input, "the name has no addresses"));
         }
@@ -203,6 +260,16 @@ impl SourceSpec {
             }
         }
         Ok(addrs)
+    }
+
+    /// A source of `wire` at one address.
+    pub fn new(wire: Wire, addr: SocketAddr) -> SourceSpec {
+        SourceSpec {
+            wire,
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            pool: false,
+        }
     }
 
     /// The first address the host resolves to.
