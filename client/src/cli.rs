@@ -74,6 +74,12 @@ pub struct Args {
     #[arg(long, default_value = "0", value_name = "DURATION")]
     pub min_transfer: Nanos,
 
+    /// The most this machine's clock may drift from the servers', in parts
+    /// per million: bounds widen by this times the age of what they rest
+    /// on. 100 covers two ordinary crystals; raise it for a worse clock.
+    #[arg(long, default_value_t = 100, value_name = "PPM")]
+    pub max_drift: u32,
+
     /// Where receive timestamps come from: kernel (the arrival time, the
     /// default) or user (when the program reads the reply; for comparison).
     #[arg(long, default_value = "kernel", value_name = "SOURCE")]
@@ -132,13 +138,86 @@ pub struct Args {
     pub force: bool,
 
     /// Keep syncing every INTERVAL (with a little random spread), one line
-    /// per sync, until Ctrl-C or SIGTERM.
-    #[arg(long, value_name = "INTERVAL")]
-    pub watch: Option<Nanos>,
+    /// per sync, until Ctrl-C or SIGTERM; `auto` chooses the interval
+    /// between --min-interval and --max-interval (faster while
+    /// converging or when the path gets noisier, slower when settled).
+    #[arg(long, value_name = "INTERVAL|auto")]
+    pub watch: Option<WatchArg>,
+
+    /// With --watch auto: the shortest interval.
+    #[arg(
+        long,
+        default_value = "16s",
+        value_name = "DURATION",
+        requires = "watch"
+    )]
+    pub min_interval: Nanos,
+
+    /// With --watch auto: the longest interval.
+    #[arg(
+        long,
+        default_value = "1024s",
+        value_name = "DURATION",
+        requires = "watch"
+    )]
+    pub max_interval: Nanos,
 
     /// With --watch: stop after N syncs (0: never).
     #[arg(long, default_value_t = 0, value_name = "N", requires = "watch")]
     pub count: u64,
+}
+
+/// `--watch`'s argument: an interval, or `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatchArg {
+    /// Every this long.
+    Every(Nanos),
+    /// Adaptive.
+    Auto,
+}
+
+impl std::str::FromStr for WatchArg {
+    type Err = service::time::ParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().eq_ignore_ascii_case("auto") {
+            Ok(WatchArg::Auto)
+        } else {
+            s.parse().map(WatchArg::Every)
+        }
+    }
+}
+
+/// How often `--watch` syncs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Polling {
+    /// Every this long (with a little spread).
+    Every(Duration),
+    /// Between these, as [`service::filter::next_interval`] decides.
+    Auto {
+        /// The shortest interval.
+        min: Duration,
+        /// The longest.
+        max: Duration,
+    },
+}
+
+impl Polling {
+    /// The interval to start with (and to come back to after a miss).
+    pub fn first(&self) -> Duration {
+        match *self {
+            Polling::Every(d) => d,
+            Polling::Auto { min, .. } => min,
+        }
+    }
+
+    /// The longest interval: backing off stops at 64 of it (fixed) or at
+    /// the maximum (auto).
+    pub fn longest(&self) -> Duration {
+        match *self {
+            Polling::Every(d) => d * 64,
+            Polling::Auto { max, .. } => max,
+        }
+    }
 }
 
 /// What to do to the clock.
@@ -170,7 +249,7 @@ pub struct Plan {
     /// How `--slew` decides.
     pub discipline: DisciplineConfig,
     /// Keep syncing at this interval.
-    pub watch: Option<std::time::Duration>,
+    pub watch: Option<Polling>,
     /// Stop after this many syncs (0: never).
     pub count: u64,
     /// Receive timestamps.
@@ -241,6 +320,13 @@ impl Args {
                 "expected more than 0 and at most 60s",
             ));
         }
+        if !(1..=1000).contains(&self.max_drift) {
+            return Err(bad(
+                "--max-drift",
+                self.max_drift.to_string(),
+                "expected 1 to 1000 (ppm)",
+            ));
+        }
         if self.min_transfer.is_negative() {
             return Err(bad(
                 "--min-transfer",
@@ -294,12 +380,28 @@ impl Args {
                 Some(key.clone())
             }
         };
+        let in_range = |option: &'static str, w: Nanos| {
+            if w < Nanos::from_millis(10) || w > Nanos::from_secs(86_400) {
+                Err(bad(option, w.to_string(), "expected 10ms to 24h"))
+            } else {
+                Ok(w.unsigned_duration())
+            }
+        };
         let watch = match self.watch {
             None => None,
-            Some(w) if w < Nanos::from_millis(10) || w > Nanos::from_secs(86_400) => {
-                return Err(bad("--watch", w.to_string(), "expected 10ms to 24h"));
+            Some(WatchArg::Every(w)) => Some(Polling::Every(in_range("--watch", w)?)),
+            Some(WatchArg::Auto) => {
+                let min = in_range("--min-interval", self.min_interval)?;
+                let max = in_range("--max-interval", self.max_interval)?;
+                if max < min {
+                    return Err(bad(
+                        "--max-interval",
+                        self.max_interval.to_string(),
+                        "must not be shorter than --min-interval",
+                    ));
+                }
+                Some(Polling::Auto { min, max })
             }
-            Some(w) => Some(w.unsigned_duration()),
         };
         if self.step_threshold.is_negative() {
             return Err(bad(
@@ -338,7 +440,7 @@ impl Args {
             select: service::select::SelectParams {
                 min_agree: self.min_agree,
                 combine: self.combine,
-                ..service::select::SelectParams::default()
+                max_drift_ppm: self.max_drift,
             },
             poll: poll_of(watch),
             options: SyncOptions {
@@ -348,7 +450,7 @@ impl Args {
                 estimator: self.estimator,
                 params: SyncParams {
                     min_transfer: self.min_transfer,
-                    ..SyncParams::default()
+                    max_drift_ppm: self.max_drift,
                 },
             },
             json: self.json,
@@ -369,8 +471,8 @@ fn warn_if_readable_by_others(path: &std::path::Path) {
 
 /// log2 of the poll interval in seconds, for NTP requests: that of
 /// `--watch`, or 6 (64 s, NTP's usual minimum) for a one-shot sync.
-fn poll_of(watch: Option<Duration>) -> i8 {
-    match watch {
+fn poll_of(watch: Option<Polling>) -> i8 {
+    match watch.map(|w| w.first()) {
         None => 6,
         Some(w) => (63 - w.as_secs().max(1).leading_zeros()) as i8,
     }
@@ -445,6 +547,21 @@ mod tests {
             (&["--set", "--slew"][..], "cannot be used with"),
             (&["--set", "--watch", "1s"][..], "cannot be used with"),
             (&["--count", "3"][..], "--watch"),
+            (
+                &[
+                    "--watch",
+                    "auto",
+                    "--min-interval",
+                    "10s",
+                    "--max-interval",
+                    "5s",
+                ][..],
+                "must not be shorter",
+            ),
+            (
+                &["--watch", "sometimes"][..],
+                "invalid duration 'sometimes'",
+            ),
             (&["--force"][..], "--slew"),
             (&["ftp://x"][..], "unknown scheme 'ftp://'"),
             (&["--min-agree", "0"][..], "invalid --min-agree '0'"),

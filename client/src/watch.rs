@@ -13,25 +13,30 @@
 //! status changes (it falls silent, starts lying, comes back) is reported
 //! in a line of its own, once, when it changes.
 //!
+//! Each source keeps a history of its syncs ([`service::filter`]): the
+//! offset reported is the filter's (set membership over the window,
+//! inside the honest interval of every sample widened by drift), with the
+//! frequency it finds and a flag when a step is seen. `--watch auto`
+//! chooses the interval as [`service::filter::next_interval`] says.
+//!
 //! A round with no answer is reported and tried again later, the wait
 //! doubling up to 64 intervals (quadrupling after a Kiss-o'-Death RATE);
 //! when every source has denied us (DENY, RSTR) the watch ends (exit 1).
 //! Ctrl-C or SIGTERM ends it cleanly (exit 0), as does `--count`.
 
+use crate::cli::Polling;
 use crate::{ClockAction, Exit, Failure, apply, clock_failure, report};
 use serde::Serialize;
 use service::clock::Clock;
 use service::discipline::Discipline;
-use service::ensemble::{Combined, Ensemble, Round, Status};
+use service::ensemble::{Combined, Ensemble, Filters, Round, Status};
+use service::filter::{self, FilterConfig};
 use service::source::spread;
 use service::time::{Nanos, Timestamp};
 use std::future::Future;
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// The longest wait between tries while no answer comes.
-const MAX_BACKOFF: u32 = 64;
 
 /// `+41.203 ppm` from parts per billion, without going through a float.
 pub fn ppm(ppb: i64) -> String {
@@ -64,6 +69,19 @@ struct WatchLine {
     error_bound_ns: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     drift_ppm: Option<f64>,
+    /// The filter's view: the local clock's frequency error (positive
+    /// when fast), its uncertainty, the samples it rests on, and whether
+    /// the newest sync shows a step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_ppm: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_uncertainty_ppm: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    samples_in_window: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    step_detected: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_poll_ms: Option<u128>,
     #[serde(skip_serializing_if = "Option::is_none")]
     frequency_correction_ppm: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -148,6 +166,16 @@ impl Line<'_> {
             .fold((0, 0), |(u, l), r| (u + r.samples.len(), l + r.lost))
     }
 
+    /// The filter's view of the round.
+    fn filter(&self) -> Option<&filter::Estimate> {
+        if self.single {
+            self.round.filtered(0)
+        } else {
+            self.round.selected_filter()
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn synced(
         &self,
         out: &mut dyn Write,
@@ -156,11 +184,23 @@ impl Line<'_> {
         drift_ppb: Option<i64>,
         correction_ppb: Option<i64>,
         action: ClockAction,
+        next: Duration,
     ) -> std::io::Result<()> {
         let (used, lost) = self.samples();
+        let view = self.filter();
+        // The filter's frequency is the offset's slope: a clock running
+        // fast sees the offset fall.
+        let frequency = view.and_then(|v| v.frequency_ppb).map(|f| -f);
         if json {
             let (name, amount) = action_parts(action);
             let line = WatchLine {
+                frequency_ppm: frequency.map(|f| f as f64 / 1e3),
+                frequency_uncertainty_ppm: view
+                    .and_then(|v| v.frequency_uncertainty_ppb)
+                    .map(|f| f as f64 / 1e3),
+                samples_in_window: view.map(|v| v.samples),
+                step_detected: view.map(|v| v.step_detected),
+                next_poll_ms: Some(next.as_millis()),
                 offset_ns: Some(c.offset.as_nanos()),
                 error_bound_ns: Some(c.bound().as_nanos()),
                 drift_ppm: drift_ppb.map(|p| p as f64 / 1e3),
@@ -185,9 +225,18 @@ impl Line<'_> {
             if !self.single {
                 write!(out, "  ({} of {} agree)", c.agreeing, c.answered)?;
             }
-            match drift_ppb {
-                Some(d) => write!(out, "  drift {}", ppm(d))?,
-                None => write!(out, "  drift (measuring)")?,
+            match (frequency, drift_ppb) {
+                (Some(f), _) => write!(
+                    out,
+                    "  frequency {} ± {:.3}",
+                    ppm(f),
+                    view.and_then(|v| v.frequency_uncertainty_ppb).unwrap_or(0) as f64 / 1e3
+                )?,
+                (None, Some(d)) => write!(out, "  drift {}", ppm(d))?,
+                (None, None) => write!(out, "  drift (measuring)")?,
+            }
+            if view.is_some_and(|v| v.step_detected) {
+                write!(out, "  step seen")?;
             }
             if let Some(what) = report::describe_action(action) {
                 write!(out, "  {what}")?;
@@ -229,7 +278,7 @@ pub async fn run(
     plan: &crate::cli::Plan,
     ensemble: &Ensemble,
     clock: Arc<dyn Clock>,
-    interval: Duration,
+    polling: Polling,
     out: &mut (dyn Write + Send),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Failure> {
@@ -250,6 +299,14 @@ pub async fn run(
         0
     };
     let mut discipline = Discipline::new(plan.discipline, baseline);
+    let mut filters = Filters::new(
+        ensemble,
+        FilterConfig {
+            max_drift_ppm: plan.options.params.max_drift_ppm,
+            ..FilterConfig::default()
+        },
+    );
+    let mut interval = polling.first();
     let mut wait = interval;
     let mut syncs = 0u64;
     let mut last_status: Vec<Option<Status>> = vec![None; names.len()];
@@ -259,6 +316,16 @@ pub async fn run(
             () = &mut shutdown => return Ok(()),
             round = ensemble.sync(&plan.options) => round,
         };
+        // Cancel the slew under way to learn how much of it is left: the
+        // discipline needs to know what took effect, and the filter what
+        // the clock's correction was while the samples were taken.
+        let slew_left = if correcting {
+            clock.slew(Nanos::ZERO).map_err(clock_failure)?
+        } else {
+            Nanos::ZERO
+        };
+        discipline.settle(slew_left);
+        let round = filters.apply(ensemble, round, discipline.correction(clock.now()));
         let line = Line {
             single,
             ensemble,
@@ -275,28 +342,35 @@ pub async fn run(
         }
         match round.combined() {
             Some(c) => {
-                // Cancel the slew under way to learn how much of it is left:
-                // the discipline needs to know what took effect.
-                let slew_left = if correcting {
-                    clock.slew(Nanos::ZERO).map_err(clock_failure)?
-                } else {
-                    Nanos::ZERO
-                };
-                let update = discipline.update(c.reference, c.offset, slew_left);
+                let update = discipline.update(c.reference, c.offset, Nanos::ZERO);
                 let (action, error) = apply(&*clock, update.action, update.set_frequency_ppb);
                 let correction = correcting.then(|| discipline.frequency_ppb());
-                written(line.synced(out, plan.json, &c, update.drift_ppb, correction, action))?;
+                interval = match polling {
+                    Polling::Every(d) => d,
+                    Polling::Auto { min, max } => {
+                        filter::next_interval(interval, line.filter(), min, max)
+                    }
+                };
+                wait = interval;
+                written(line.synced(
+                    out,
+                    plan.json,
+                    &c,
+                    update.drift_ppb,
+                    correction,
+                    action,
+                    wait,
+                ))?;
                 if let Some(e) = error {
                     return Err(clock_failure(e));
                 }
-                wait = interval;
             }
             None => {
                 // A server that asks us to slow down gets four times the
                 // wait at once; one that denies us is asked no more.
                 let rate_limited = (0..names.len()).any(|i| round.status(i) == Status::RateLimited);
                 let factor = if rate_limited { 4 } else { 2 };
-                wait = (wait * factor).min(interval * MAX_BACKOFF);
+                wait = (wait * factor).min(polling.longest());
                 let why = round.failure(&names).unwrap_or_else(|| "no answer".into());
                 written(line.missed(out, plan.json, clock.now(), &why, wait))?;
                 if ensemble

@@ -143,6 +143,30 @@ impl Discipline {
         self.frequency_applied + (at - since).max(0) * ours / 1_000_000_000
     }
 
+    /// Accounts for the slew asked for last time, of which `slew_left` was
+    /// not applied (cancel it to learn that: `clock.slew(Nanos::ZERO)`).
+    /// Called by [`update`](Self::update); call it first yourself to learn
+    /// the [`correction`](Self::correction) in force, then pass a zero
+    /// `slew_left` to `update`.
+    pub fn settle(&mut self, slew_left: Nanos) {
+        self.applied += i128::from(self.slew_asked - slew_left.as_nanos());
+        self.slew_asked = 0;
+    }
+
+    /// Everything the discipline has done to the clock by local time `at`
+    /// (steps, the applied part of slews, the effect of its frequency
+    /// corrections): an offset measured then plus this is the offset had
+    /// the clock never been touched (the frame [`crate::filter`] keeps
+    /// its history in).
+    pub fn correction(&self, at: Timestamp) -> Nanos {
+        let c = self.applied + self.frequency_effect(i128::from(at.as_nanos()));
+        Nanos::try_from_i128(c).unwrap_or(if c < 0 {
+            Nanos::from_nanos(i64::MIN)
+        } else {
+            Nanos::MAX
+        })
+    }
+
     /// Takes the offset θ measured at local time `at` (server minus
     /// local) and `slew_left`, what remains now of the slew asked for last
     /// time: cancel it just before calling (`clock.slew(Nanos::ZERO)`
@@ -150,9 +174,7 @@ impl Discipline {
     /// reporting only. Returns what to do now.
     pub fn update(&mut self, at: Timestamp, offset: Nanos, slew_left: Nanos) -> Update {
         let at_ns = i128::from(at.as_nanos());
-        // The previous slew took effect except for what is left of it.
-        self.applied += i128::from(self.slew_asked - slew_left.as_nanos());
-        self.slew_asked = 0;
+        self.settle(slew_left);
         let magnitude = offset.abs();
         if self.config.correct
             && let Some(limit) = self.config.max_correction

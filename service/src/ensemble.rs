@@ -15,6 +15,7 @@
 //! and `min_agree` raises that floor.
 
 use crate::clock::Clock;
+use crate::filter::{self, Filter, FilterConfig};
 use crate::select::{self, Candidate, SelectError, SelectParams, Selection, Verdict};
 use crate::source::spec::{POOL_MAX, Resolve, SystemResolver};
 use crate::source::{Source, SourceOptions, SourceSpec, SyncError, SyncOptions, SyncReport};
@@ -190,6 +191,8 @@ pub struct Round {
     pub selection: Result<Selection, SelectError>,
     /// For each source, its index among the candidates (if it answered).
     candidate_of: Vec<Option<usize>>,
+    /// For each source, what its filter says (when the round was filtered).
+    filtered: Vec<Option<filter::Estimate>>,
     /// Wall time of the round.
     pub elapsed: Duration,
 }
@@ -230,6 +233,20 @@ impl Round {
             needed: sel.needed,
             answered: self.answered(),
         })
+    }
+
+    /// What source `i`'s filter says, when the round went through
+    /// [`Filters::apply`].
+    pub fn filtered(&self, i: usize) -> Option<&filter::Estimate> {
+        self.filtered.get(i)?.as_ref()
+    }
+
+    /// The filter's view of the round: that of the selected source (or the
+    /// only one).
+    pub fn selected_filter(&self) -> Option<&filter::Estimate> {
+        (0..self.results.len())
+            .find(|&i| self.status(i) == Status::Selected)
+            .and_then(|i| self.filtered(i))
     }
 
     /// How many sources answered with an estimate.
@@ -358,14 +375,33 @@ impl Ensemble {
         self.select(results, started.elapsed())
     }
 
-    /// The selection over results already in hand (one per member).
+    /// The selection over results already in hand (one per member), each
+    /// answering source a candidate with its burst's estimate.
     pub fn select(&self, results: Vec<Result<SyncReport, SyncError>>, elapsed: Duration) -> Round {
-        let mut candidates = Vec::new();
-        let candidate_of = results
+        let candidates = results
             .iter()
             .map(|r| {
-                r.as_ref().ok().map(|report| {
-                    candidates.push(Candidate::from(report.estimate));
+                r.as_ref()
+                    .ok()
+                    .map(|report| Candidate::from(report.estimate))
+            })
+            .collect();
+        self.select_candidates(results, candidates, Vec::new(), elapsed)
+    }
+
+    fn select_candidates(
+        &self,
+        results: Vec<Result<SyncReport, SyncError>>,
+        per_source: Vec<Option<Candidate>>,
+        filtered: Vec<Option<filter::Estimate>>,
+        elapsed: Duration,
+    ) -> Round {
+        let mut candidates = Vec::new();
+        let candidate_of = per_source
+            .into_iter()
+            .map(|c| {
+                c.map(|c| {
+                    candidates.push(c);
                     candidates.len() - 1
                 })
             })
@@ -375,7 +411,54 @@ impl Ensemble {
             results,
             selection,
             candidate_of,
+            filtered,
             elapsed,
         }
+    }
+}
+
+/// A filter per source of an ensemble: the history a daemon keeps (see
+/// [`crate::filter`]).
+pub struct Filters {
+    filters: Vec<Filter>,
+}
+
+impl Filters {
+    /// An empty filter for each of `ensemble`'s sources.
+    pub fn new(ensemble: &Ensemble, config: FilterConfig) -> Self {
+        Filters {
+            filters: (0..ensemble.members().len())
+                .map(|_| Filter::new(config))
+                .collect(),
+        }
+    }
+
+    /// Feeds each answering source's samples (made while the clock's total
+    /// correction was `correction`: see [`crate::discipline::Discipline::correction`])
+    /// to its filter, and selects over what the filters say: the round,
+    /// again, better informed.
+    pub fn apply(&mut self, ensemble: &Ensemble, round: Round, correction: Nanos) -> Round {
+        let filtered: Vec<Option<filter::Estimate>> = round
+            .results
+            .iter()
+            .zip(&mut self.filters)
+            .map(|(r, f)| {
+                r.as_ref()
+                    .ok()
+                    .and_then(|report| f.update(&report.samples, correction))
+            })
+            .collect();
+        let candidates = filtered
+            .iter()
+            .map(|e| {
+                e.map(|e| Candidate {
+                    at: e.reference,
+                    offset: e.offset,
+                    low: e.low,
+                    high: e.high,
+                })
+            })
+            .collect();
+        ensemble.select_candidates(round.results, candidates, filtered, round.elapsed)
     }
 }

@@ -15,6 +15,7 @@
 //! - [`source`]: one server over one wire (cerv's or NTP): connect, probe and
 //!   sync, with retries, Kiss-o'-Death handling and an honest estimate.
 //! - [`signals`]: Ctrl-C and SIGTERM, for the binaries.
+//! - [`filter`]: a source's history over syncs: a tighter estimate, the frequency, steps (pure).
 //! - [`ensemble`]: several sources asked at once, selected and combined.
 //! - [`synced`]: [`synced::SyncedClock`], an interval that holds the server's time, kept in sync in the background.
 
@@ -22,6 +23,7 @@ pub mod auth;
 pub mod clock;
 pub mod discipline;
 pub mod ensemble;
+pub mod filter;
 pub mod ntp;
 pub mod nts;
 pub mod rpc;

@@ -112,6 +112,14 @@ impl Sample {
         self.root_distance
     }
 
+    /// The offsets this exchange allows, `[ts3 − ts4 + min, ts2 − ts1 −
+    /// min]` widened by the root distance, exact; empty (`lo > hi`) when
+    /// the round trip was shorter than twice `min_transfer`.
+    pub fn interval(&self, min_transfer: Nanos) -> (i128, i128) {
+        let i = self.raw_interval(min_transfer);
+        (i.lo, i.hi)
+    }
+
     /// Client clock when the request left.
     pub fn ts1(&self) -> Timestamp {
         self.ts1
