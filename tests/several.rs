@@ -247,3 +247,47 @@ fn a_wide_source_weighs_less_than_a_tight_one() {
         );
     }
 }
+
+#[test]
+fn a_watch_reports_a_source_that_falls_silent_once() {
+    let a = Cerv::start(&["--offset", "+5ms"]);
+    let b = Cerv::start(&["--offset", "+5ms"]);
+    let c = Cerv::start(&["--offset", "+5ms"]);
+    let gone = c.target();
+    let args: Vec<String> = [
+        &a.target(),
+        &b.target(),
+        &gone,
+        "--watch",
+        "100ms",
+        "--count",
+        "20",
+        "--timeout",
+        "50ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let watcher = std::thread::spawn(move || {
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        fient(&argv)
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let (_, _) = c.stop();
+    let out = watcher.join().unwrap();
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let changes: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains(&format!(" {gone}: ")))
+        .collect();
+    assert_eq!(changes.len(), 1, "{}", out.stdout);
+    assert!(changes[0].contains("no answer (was "), "{}", changes[0]);
+    // Every round still synced from the two that answer.
+    let synced = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains("(2 of 2 agree)") || l.contains("(3 of 3 agree)"))
+        .count();
+    assert_eq!(synced, 20, "{}", out.stdout);
+}

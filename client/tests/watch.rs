@@ -5,8 +5,8 @@
 use clap::Parser;
 use client::cli::Args;
 use server::{Config, Server};
-use service::clock::{SimulatedClock, SystemClock};
-use service::time::Nanos;
+use service::clock::{Clock, OffsetClock, SimulatedClock, SystemClock};
+use service::time::{Nanos, Timestamp};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -149,4 +149,96 @@ async fn reporting_only_measures_the_drift_and_rides_out_an_absent_server() {
     // After it, the drift is measured again.
     let drift = lines.last().unwrap()["drift_ppm"].as_f64().unwrap();
     assert!((drift + 80.0).abs() < 5.0, "{drift}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_step_is_followed_within_five_polls() {
+    // The server's clock is ours until it jumps 10 ms ahead, mid-watch.
+    let server_clock = Arc::new(OffsetClock::new(SystemClock, Nanos::ZERO));
+    let server = Server::spawn(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        clock: Some(server_clock.clone()),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let p = plan(&[
+        &server.addr.to_string(),
+        "--watch",
+        "100ms",
+        "--count",
+        "30",
+        "--json",
+    ]);
+    let watcher = tokio::spawn(async move {
+        let mut out = Vec::new();
+        client::run(&p, Arc::new(SystemClock), &mut out, std::future::pending())
+            .await
+            .map(|()| out)
+    });
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let stepped_at = SystemClock.now();
+    server_clock.step(Nanos::from_millis(10)).unwrap();
+    let out = watcher.await.unwrap().expect("watch");
+    let lines = lines(&out);
+    assert_eq!(lines.len(), 30);
+    // Lines (by the local time their offset refers to) before and after
+    // the step; a sync under way at the step itself is left out.
+    let at = |l: &serde_json::Value| -> Timestamp { l["time"].as_str().unwrap().parse().unwrap() };
+    let margin = 20_000_000;
+    let before: Vec<_> = lines
+        .iter()
+        .filter(|l| stepped_at.diff_i128(at(l)) > margin)
+        .collect();
+    let after: Vec<(usize, &serde_json::Value)> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| at(l).diff_i128(stepped_at) > margin)
+        .collect();
+    assert!(
+        before.len() >= 8 && after.len() >= 10,
+        "{} before, {} after",
+        before.len(),
+        after.len()
+    );
+    let off = |l: &serde_json::Value| l["offset_ns"].as_i64().unwrap();
+    let bound = |l: &serde_json::Value| l["error_bound_ns"].as_i64().unwrap();
+    for l in &before {
+        assert!(off(l).abs() <= bound(l), "before the step: {l}");
+    }
+    // Followed: within 5 polls the estimate is the new truth, and stays.
+    let truth = 10_000_000;
+    let followed = after
+        .iter()
+        .position(|(_, l)| (off(l) - truth).abs() < 50_000)
+        .expect("never followed");
+    assert!(
+        followed < 5,
+        "followed only after {followed} polls: {lines:?}"
+    );
+    for (_, l) in &after[followed..] {
+        assert!((off(l) - truth).abs() < 50_000, "{l}");
+    }
+    // The step is seen, and no bound after it excludes the new truth for
+    // more than those polls.
+    assert!(
+        after
+            .iter()
+            .take(3)
+            .any(|(_, l)| l["step_detected"] == true),
+        "{lines:?}"
+    );
+    let wrong: Vec<usize> = after
+        .iter()
+        .filter(|(_, l)| (off(l) - truth).abs() > bound(l))
+        .map(|(i, _)| *i)
+        .collect();
+    assert!(
+        wrong.len() < 5,
+        "bounds that excluded the truth: lines {wrong:?}"
+    );
+    eprintln!(
+        "step followed after {followed} polls; bounds excluding the truth after it: {}",
+        wrong.len()
+    );
 }

@@ -94,6 +94,9 @@ pub struct Config {
     pub tls: Option<Arc<service::tls::TlsServerConfig>>,
     /// Limits of the TCP and TLS listeners.
     pub tcp: TcpConfig,
+    /// Serve this clock instead of the system clock skewed by `offset`
+    /// (a test's clock, whose time it can move while the server runs).
+    pub clock: Option<Arc<dyn Clock>>,
 }
 
 /// How requests reach the handlers.
@@ -136,6 +139,7 @@ impl Default for Config {
             tls_listen: Vec::new(),
             tls: None,
             tcp: TcpConfig::default(),
+            clock: None,
         }
     }
 }
@@ -284,10 +288,10 @@ impl Server {
     /// Binds the socket. Must run inside a Tokio runtime.
     pub async fn bind(config: Config) -> Result<Server, BindError> {
         let socket = bind_udp(config.listen).await?;
-        let clock: Arc<dyn Clock> = if config.offset == Nanos::ZERO {
-            Arc::new(SystemClock)
-        } else {
-            Arc::new(SkewedClock::new(SystemClock, config.offset))
+        let clock: Arc<dyn Clock> = match (&config.clock, config.offset) {
+            (Some(clock), _) => clock.clone(),
+            (None, Nanos::ZERO) => Arc::new(SystemClock),
+            (None, offset) => Arc::new(SkewedClock::new(SystemClock, offset)),
         };
         let mut ntp = Vec::with_capacity(config.ntp_listen.len());
         if !config.ntp_listen.is_empty() {

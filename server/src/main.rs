@@ -306,6 +306,7 @@ fn config_from(args: &Args) -> Result<Config, Failure> {
         tcp_listen,
         tls_listen,
         tls,
+        clock: None,
         tcp: TcpConfig {
             max_connections: args.tcp_max_connections,
             max_per_address: args.tcp_max_per_address,

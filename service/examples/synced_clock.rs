@@ -1,30 +1,33 @@
-//! What time is it, and how sure are we? A clock kept in step with a cerv
-//! server in the background, answering with an interval.
+//! What time is it, and how sure are we? A clock kept in step with time
+//! servers in the background, answering with an interval.
 //!
 //! ```text
-//! cargo run -p server --bin cerv -- --offset +250ms &
-//! cargo run -p service --example synced_clock -- 127.0.0.1:8081
+//! cargo run -p server --bin cerv -- --offset +250ms --ntp-listen 127.0.0.1:12300 --ntp-stratum 1 &
+//! cargo run -p service --example synced_clock -- 127.0.0.1:8081 ntp://127.0.0.1:12300
 //! ```
 
 use service::Timestamp;
+use service::source::SourceSpec;
 use service::synced::{Status, SyncedClock, SyncedClockConfig};
-use std::net::SocketAddr;
 use std::time::Duration;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let server: SocketAddr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:8081".into())
-        .parse()?;
+    let mut sources: Vec<SourceSpec> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
+    if sources.is_empty() {
+        sources.push("127.0.0.1:8081".parse()?);
+    }
     let config = SyncedClockConfig {
         interval: Duration::from_secs(1),
         stale_after: Duration::from_secs(4),
         ..SyncedClockConfig::default()
     };
-    let clock = SyncedClock::start(server, config).await?;
+    let clock = SyncedClock::start_sources(&sources, config).await?;
     if !clock.wait_synchronized(Duration::from_secs(5)).await {
-        return Err(format!("no sync with {server}: {:?}", clock.last_error()).into());
+        return Err(format!("no sync: {:?}", clock.last_error()).into());
     }
     // A commit-wait, Spanner style: pick a timestamp, then wait until it
     // has certainly passed everywhere before making it visible.
@@ -43,11 +46,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             now.latest,
             now.width()
         );
-        if now.status == Status::Stale {
-            println!(
-                "  the server has not answered for a while: {:?}",
-                clock.last_error()
-            );
+        if matches!(now.status, Status::Stale | Status::Disagreement) {
+            println!("  {:?}", clock.last_error());
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -3,25 +3,26 @@
 //! answer: an interval, not a point.
 //!
 //! ```no_run
-//! # async fn demo() -> std::io::Result<()> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use service::synced::{SyncedClock, SyncedClockConfig};
 //!
-//! let clock = SyncedClock::start("127.0.0.1:8081".parse().unwrap(), SyncedClockConfig::default()).await?;
+//! let sources = ["127.0.0.1:8081".parse()?, "ntp://127.0.0.1:12300".parse()?];
+//! let clock = SyncedClock::start_sources(&sources, SyncedClockConfig::default()).await?;
 //! let now = clock.now();
 //! println!("between {} and {} ({:?})", now.earliest, now.latest, now.status);
 //! # Ok(())
 //! # }
 //! ```
 //!
-//! A background task syncs with one server every `interval`. Each sync
-//! confines the server's clock, as seen from a local clock, to an interval
-//! that holds the truth (the honest bound of [`crate::sync`]). Between
-//! syncs the local clock may drift from the server's by at most
-//! `max_drift_ppm`, so each interval widens by that rate times its age.
-//! [`SyncedClock::now`] intersects the intervals of the last few syncs, all
-//! carried to the present: the answer holds the true server time as long
-//! as the drift assumption does, and grows wider, not wrong, while the
-//! server is away.
+//! A background task syncs with every source each `interval`, keeps each
+//! source's history in a [`crate::filter`] and combines the sources that
+//! agree ([`crate::ensemble`]). Each round gives an interval, at a local
+//! time, that holds the true time if a majority of the sources are honest
+//! and the clocks drift apart no faster than `max_drift_ppm`; the filter
+//! narrows it with history (every past sample's interval, widened by the
+//! drift since, still confines the present). Between rounds the interval
+//! widens by that rate times its age, so [`SyncedClock::now`] grows wider,
+//! not wrong, while the sources are away.
 //!
 //! Elapsed time is measured on [`MonotonicClock`] by default: the raw
 //! hardware clock, which no step or slew of the system clock (by fient, or
@@ -32,12 +33,12 @@
 //! few microseconds late, which only widens the interval.
 
 use crate::clock::{Clock, MonotonicClock};
-use crate::source::{Source, SourceOptions, SourceSpec, SyncOptions, SyncReport, Wire, spread};
-use crate::sync::Estimator;
+use crate::ensemble::{Ensemble, EnsembleError, Filters};
+use crate::filter::FilterConfig;
+use crate::select::SelectParams;
+use crate::source::{SourceOptions, SourceSpec, SyncOptions, Wire, spread};
 use crate::time::{Nanos, Timestamp};
 use crate::transport::socket::Stamping;
-use std::collections::VecDeque;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,17 +49,20 @@ pub struct SyncedClockConfig {
     /// How often to sync (with ±10 % spread, so that many clients do not
     /// all ask at once).
     pub interval: Duration,
-    /// The most the local clock may drift from the server's, in parts per
+    /// The most the local clock may drift from the servers', in parts per
     /// million. 50 ppm covers an ordinary crystal; the interval is honest
     /// only if the clock keeps within it.
     pub max_drift_ppm: u32,
-    /// With no successful sync for this long, the status is `Stale`.
+    /// With no successful round for this long, the status is `Stale`.
     pub stale_after: Duration,
-    /// How many past syncs are intersected.
+    /// How many past syncs each source's filter keeps.
     pub keep: usize,
+    /// How several sources are selected and combined (`min_agree`, ...);
+    /// its drift is raised to `max_drift_ppm`.
+    pub select: SelectParams,
     /// How each sync is run.
     pub sync: SyncOptions,
-    /// Timestamps and key of the connection.
+    /// Timestamps and key of the connections.
     pub client: SourceOptions,
 }
 
@@ -71,6 +75,7 @@ impl Default for SyncedClockConfig {
             max_drift_ppm: 50,
             stale_after: Duration::from_secs(64),
             keep: 8,
+            select: SelectParams::default(),
             sync: SyncOptions::default(),
             client: SourceOptions {
                 stamping: Stamping::User,
@@ -83,21 +88,24 @@ impl Default for SyncedClockConfig {
 /// How much to trust an answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
-    /// No sync has succeeded yet: the interval is unbounded.
+    /// No round has succeeded yet: the interval is unbounded.
     Unsynchronized,
-    /// A sync succeeded within `stale_after`.
+    /// A round succeeded within `stale_after`.
     Synchronized,
     /// The last success is older than `stale_after`: still honest, but
     /// wider by the drift allowance of every second since.
     Stale,
+    /// The sources answer but no longer agree (no majority): the interval
+    /// is carried, widening, from the last round in which they did.
+    Disagreement,
 }
 
-/// The server's time now, somewhere in `[earliest, latest]`.
+/// The true time now, somewhere in `[earliest, latest]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TimeInterval {
-    /// The earliest the server's clock can read now.
+    /// The earliest the true time can be now.
     pub earliest: Timestamp,
-    /// The latest it can read now.
+    /// The latest it can be now.
     pub latest: Timestamp,
     /// How fresh the knowledge is.
     pub status: Status,
@@ -115,7 +123,7 @@ impl TimeInterval {
     }
 }
 
-/// What one sync said: at local time `at`, server minus local was in
+/// What one round said: at local time `at`, true time minus local was in
 /// `[low, high]`.
 #[derive(Clone, Copy, Debug)]
 struct Anchor {
@@ -126,34 +134,25 @@ struct Anchor {
 
 #[derive(Default)]
 struct State {
-    anchors: VecDeque<Anchor>,
+    anchor: Option<Anchor>,
     last_success: Option<Timestamp>,
+    disagreement: bool,
     last_error: Option<String>,
 }
 
-/// The answer from the anchors at local time `now`: the intersection of
-/// every anchor's interval, each widened by the drift allowed since it was
-/// taken; the newest alone if they contradict each other (the server's
-/// clock was stepped, say). Pure.
-fn interval_at(anchors: &VecDeque<Anchor>, now: Timestamp, ppm: u32) -> Option<(i128, i128)> {
-    let project = |a: &Anchor| {
-        let age = now.diff_i128(a.at).max(0);
-        let widen = (age * i128::from(ppm) + 999_999) / 1_000_000;
-        (
-            i128::from(now.as_nanos()) + i128::from(a.low.as_nanos()) - widen,
-            i128::from(now.as_nanos()) + i128::from(a.high.as_nanos()) + widen,
-        )
-    };
-    let newest = project(anchors.back()?);
-    let both = anchors
-        .iter()
-        .map(project)
-        .fold(newest, |(lo, hi), (l, h)| (lo.max(l), hi.min(h)));
-    Some(if both.0 <= both.1 { both } else { newest })
+/// The interval an anchor gives at local time `now`: widened by the drift
+/// allowed since it was taken. Pure.
+fn interval_at(anchor: &Anchor, now: Timestamp, ppm: u32) -> (i128, i128) {
+    let age = now.diff_i128(anchor.at).max(0);
+    let widen = (age * i128::from(ppm) + 999_999) / 1_000_000;
+    (
+        i128::from(now.as_nanos()) + i128::from(anchor.low.as_nanos()) - widen,
+        i128::from(now.as_nanos()) + i128::from(anchor.high.as_nanos()) + widen,
+    )
 }
 
-/// A clock kept in step with a time server in the background, answering
-/// with an interval that holds the server's time.
+/// A clock kept in step with time servers in the background, answering
+/// with an interval that holds the true time.
 pub struct SyncedClock {
     clock: Arc<dyn Clock>,
     state: Arc<Mutex<State>>,
@@ -172,9 +171,12 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 }
 
 impl SyncedClock {
-    /// Starts syncing with `server` in a task on the current Tokio runtime,
-    /// measuring with [`MonotonicClock`].
-    pub async fn start(server: SocketAddr, config: SyncedClockConfig) -> io::Result<SyncedClock> {
+    /// Starts syncing with one cerv server in a task on the current Tokio
+    /// runtime, measuring with [`MonotonicClock`].
+    pub async fn start(
+        server: SocketAddr,
+        config: SyncedClockConfig,
+    ) -> Result<SyncedClock, EnsembleError> {
         Self::start_with_clock(server, Arc::new(MonotonicClock::new()), config).await
     }
 
@@ -184,16 +186,37 @@ impl SyncedClock {
         server: SocketAddr,
         clock: Arc<dyn Clock>,
         config: SyncedClockConfig,
-    ) -> io::Result<SyncedClock> {
+    ) -> Result<SyncedClock, EnsembleError> {
+        Self::start_sources_with_clock(&[SourceSpec::new(Wire::Cerv, server)], clock, config).await
+    }
+
+    /// Starts syncing with several sources (any wires, pools too),
+    /// measuring with [`MonotonicClock`].
+    pub async fn start_sources(
+        sources: &[SourceSpec],
+        config: SyncedClockConfig,
+    ) -> Result<SyncedClock, EnsembleError> {
+        Self::start_sources_with_clock(sources, Arc::new(MonotonicClock::new()), config).await
+    }
+
+    /// Like [`start_sources`](Self::start_sources), with another local
+    /// clock.
+    pub async fn start_sources_with_clock(
+        sources: &[SourceSpec],
+        clock: Arc<dyn Clock>,
+        config: SyncedClockConfig,
+    ) -> Result<SyncedClock, EnsembleError> {
         let mut config = config;
-        // Each sync must allow at least the drift the answers assume.
-        let params = &mut config.sync.params;
-        params.max_drift_ppm = params.max_drift_ppm.max(config.max_drift_ppm);
-        let spec = SourceSpec::new(Wire::Cerv, server);
-        let client = Source::open(spec, server, clock.clone(), config.client.clone()).await?;
+        // Every sync, selection and filter must allow at least the drift
+        // the answers assume.
+        let ppm = &mut config.sync.params.max_drift_ppm;
+        *ppm = (*ppm).max(config.max_drift_ppm);
+        config.select.max_drift_ppm = config.select.max_drift_ppm.max(config.max_drift_ppm);
+        let ensemble =
+            Ensemble::open(sources, clock.clone(), config.client.clone(), config.select).await?;
         let state = Arc::new(Mutex::new(State::default()));
         let task = tokio::spawn(keep_in_sync(
-            client,
+            ensemble,
             clock.clone(),
             state.clone(),
             config.clone(),
@@ -206,17 +229,18 @@ impl SyncedClock {
         })
     }
 
-    /// The server's time now, as an interval.
+    /// The true time now, as an interval.
     pub fn now(&self) -> TimeInterval {
         let state = lock(&self.state);
         let now = self.clock.now();
-        let Some((lo, hi)) = interval_at(&state.anchors, now, self.config.max_drift_ppm) else {
+        let Some(anchor) = state.anchor else {
             return TimeInterval {
                 earliest: Timestamp::from_nanos(i64::MIN),
                 latest: Timestamp::from_nanos(i64::MAX),
                 status: Status::Unsynchronized,
             };
         };
+        let (lo, hi) = interval_at(&anchor, now, self.config.max_drift_ppm);
         let stale = state
             .last_success
             .is_none_or(|at| now.diff_i128(at) > self.config.stale_after.as_nanos() as i128);
@@ -225,16 +249,16 @@ impl SyncedClock {
         TimeInterval {
             earliest: clamp(lo),
             latest: clamp(hi),
-            status: if stale {
-                Status::Stale
-            } else {
-                Status::Synchronized
+            status: match (stale, state.disagreement) {
+                (true, _) => Status::Stale,
+                (false, true) => Status::Disagreement,
+                (false, false) => Status::Synchronized,
             },
         }
     }
 
-    /// True if `t` has certainly passed on the server's clock (TrueTime's
-    /// `after`): even the earliest it can be now is later.
+    /// True if `t` has certainly passed (TrueTime's `after`): even the
+    /// earliest the time can be now is later.
     pub fn after(&self, t: Timestamp) -> bool {
         self.now().earliest > t
     }
@@ -250,12 +274,13 @@ impl SyncedClock {
         self.now().status
     }
 
-    /// Why the last sync failed, if it did.
+    /// Why the last round failed, if it did.
     pub fn last_error(&self) -> Option<String> {
         lock(&self.state).last_error.clone()
     }
 
-    /// Waits until the first sync succeeds, at most `limit`; true if it did.
+    /// Waits until the first round succeeds, at most `limit`; true if it
+    /// did.
     pub async fn wait_synchronized(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         while tokio::time::Instant::now() < deadline {
@@ -268,43 +293,47 @@ impl SyncedClock {
     }
 }
 
-/// The anchor a sync gives: the tightest interval of the report (every
-/// estimator's interval holds the truth; the intersection's is smallest).
-fn anchor_of(report: &SyncReport) -> Anchor {
-    let e = report
-        .estimate_of(Estimator::Intersection)
-        .unwrap_or(&report.estimate);
-    Anchor {
-        at: e.reference,
-        low: e.low,
-        high: e.high,
-    }
-}
-
-/// The background task: sync every interval (backing off, up to 64 times
-/// the interval, while the server does not answer), until dropped.
+/// The background task: a round every interval (backing off, up to 64
+/// times the interval, while no answer comes), until dropped.
 async fn keep_in_sync(
-    client: Source,
+    ensemble: Ensemble,
     clock: Arc<dyn Clock>,
     state: Arc<Mutex<State>>,
     config: SyncedClockConfig,
 ) {
+    let mut filters = Filters::new(
+        &ensemble,
+        FilterConfig {
+            window: config.keep.max(1),
+            max_drift_ppm: config.max_drift_ppm,
+            ..FilterConfig::default()
+        },
+    );
+    let names = ensemble.names();
     let mut wait = config.interval;
     loop {
-        match client.sync(&config.sync).await {
-            Ok(report) => {
+        let round = ensemble.sync(&config.sync).await;
+        // This clock is never corrected: the filter's frame is its own.
+        let round = filters.apply(&ensemble, round, Nanos::ZERO);
+        match round.combined() {
+            Some(c) => {
                 let mut s = lock(&state);
-                s.anchors.push_back(anchor_of(&report));
-                while s.anchors.len() > config.keep.max(1) {
-                    s.anchors.pop_front();
-                }
+                s.anchor = Some(Anchor {
+                    at: c.reference,
+                    low: c.low,
+                    high: c.high,
+                });
                 s.last_success = Some(clock.now());
+                s.disagreement = false;
                 s.last_error = None;
                 wait = config.interval;
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "sync failed; backing off");
-                lock(&state).last_error = Some(e.to_string());
+            None => {
+                let why = round.failure(&names).unwrap_or_else(|| "no answer".into());
+                tracing::debug!(error = %why, "round failed; backing off");
+                let mut s = lock(&state);
+                s.disagreement = round.answered() > 0;
+                s.last_error = Some(why);
                 wait = (wait * 2).min(config.interval * 64);
             }
         }
@@ -320,37 +349,19 @@ mod tests {
         Timestamp::from_nanos(1_800_000_000_000_000_000 + n)
     }
 
-    fn anchor(at: i64, low: i64, high: i64) -> Anchor {
-        Anchor {
-            at: ts(at),
-            low: Nanos::from_nanos(low),
-            high: Nanos::from_nanos(high),
-        }
-    }
-
     #[test]
     fn an_anchor_widens_with_age() {
-        let anchors = VecDeque::from([anchor(0, 100, 300)]);
+        let anchor = Anchor {
+            at: ts(0),
+            low: Nanos::from_nanos(100),
+            high: Nanos::from_nanos(300),
+        };
         // 50 ppm over 1 s: 50 µs each side.
-        let (lo, hi) = interval_at(&anchors, ts(1_000_000_000), 50).unwrap();
+        let (lo, hi) = interval_at(&anchor, ts(1_000_000_000), 50);
         assert_eq!(lo, i128::from(ts(1_000_000_000).as_nanos()) + 100 - 50_000);
         assert_eq!(hi, i128::from(ts(1_000_000_000).as_nanos()) + 300 + 50_000);
-        assert!(interval_at(&VecDeque::new(), ts(0), 50).is_none());
-    }
-
-    #[test]
-    fn anchors_intersect_and_a_contradiction_falls_back_to_the_newest() {
-        let anchors = VecDeque::from([anchor(0, -1_000, 1_000), anchor(0, 0, 5_000)]);
-        let (lo, hi) = interval_at(&anchors, ts(0), 0).unwrap();
-        assert_eq!(
-            (
-                lo - i128::from(ts(0).as_nanos()),
-                hi - i128::from(ts(0).as_nanos())
-            ),
-            (0, 1_000)
-        );
-        let stepped = VecDeque::from([anchor(0, -1_000, 1_000), anchor(0, 9_000, 10_000)]);
-        let (lo, _) = interval_at(&stepped, ts(0), 0).unwrap();
-        assert_eq!(lo - i128::from(ts(0).as_nanos()), 9_000);
+        // No time back: an anchor "from the future" is not narrowed.
+        let (lo, hi) = interval_at(&anchor, ts(-5), 50);
+        assert_eq!(hi - lo, 200);
     }
 }
