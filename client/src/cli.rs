@@ -32,7 +32,8 @@ pub struct Args {
     /// The servers (up to 16), asked at once: host[:port] or
     /// cerv://host[:port] for cerv's wire (port 8081 if left out),
     /// ntp://host[:port] for NTP (port 123), tcp://host[:port] and
-    /// tls://host[:port] for cerv's wire over TCP (8081) and TLS (8443).
+    /// tls://host[:port] for cerv's wire over TCP (8081) and TLS (8443),
+    /// nts://host[:port] for NTP with NTS (the key exchange's port, 4460).
     /// `pool:` in front makes each address of the name a server of its own
     /// (up to 4).
     #[arg(default_value = "127.0.0.1:8081", value_name = "SERVER")]
@@ -95,8 +96,8 @@ pub struct Args {
     #[arg(long, value_name = "ID", requires = "key_file")]
     pub key_id: Option<u32>,
 
-    /// Trust the certificates of this PEM file (a CA) for tls:// sources,
-    /// instead of the system's trust roots.
+    /// Trust the certificates of this PEM file (a CA) for tls:// and
+    /// nts:// sources, instead of the system's trust roots.
     #[arg(long, value_name = "FILE")]
     pub ca: Option<std::path::PathBuf>,
 
@@ -258,6 +259,8 @@ pub struct Plan {
     pub key: Option<Key>,
     /// The TLS client configuration, for tls:// sources.
     pub tls: Option<std::sync::Arc<service::tls::TlsClientConfig>>,
+    /// The same for the NTS key exchange of nts:// sources.
+    pub nts_tls: Option<std::sync::Arc<service::tls::TlsClientConfig>>,
 }
 
 /// A bad option or key file; the message names it.
@@ -358,6 +361,15 @@ impl Args {
         } else {
             None
         };
+        let nts_tls = if servers.iter().any(|s| s.wire == Wire::Nts) {
+            Some(service::tls::client_config(
+                self.ca.as_deref(),
+                &[service::nts::ke::ALPN],
+                true,
+            )?)
+        } else {
+            None
+        };
         if let Some(s) = servers
             .iter()
             .find(|s| !matches!(s.wire, Wire::Cerv | Wire::Tcp | Wire::Tls))
@@ -432,6 +444,7 @@ impl Args {
         Ok(Plan {
             key,
             tls,
+            nts_tls,
             correction,
             discipline,
             watch,

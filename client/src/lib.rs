@@ -104,6 +104,7 @@ async fn open(plan: &cli::Plan, clock: Arc<dyn Clock>) -> Result<Ensemble, Failu
         key: plan.key.clone(),
         poll: plan.poll,
         tls: plan.tls.clone(),
+        nts_tls: plan.nts_tls.clone(),
     };
     Ensemble::open(&plan.servers, clock, options, plan.select)
         .await

@@ -9,11 +9,12 @@
 use service::clock::{Clock, SkewedClock, SystemClock};
 use service::rpc::{ProbeReply, TimeService};
 use service::time::{Nanos, Timestamp};
+use service::transport::face::SharedMasterKeys;
 use service::transport::face::{Face, NtpFace};
 use service::transport::server::{
     HandlerFuture, ServerConfig, ServerStats, UdpServer, run_channel,
 };
-use service::transport::tcp::{Handler, TcpConfig, TcpServer, TcpStats};
+use service::transport::tcp::{Handler, KeService, Protocol, TcpConfig, TcpServer, TcpStats};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -97,6 +98,18 @@ pub struct Config {
     /// Serve this clock instead of the system clock skewed by `offset`
     /// (a test's clock, whose time it can move while the server runs).
     pub clock: Option<Arc<dyn Clock>>,
+    /// NTS: where the key exchange listens (needs `nts_tls` and
+    /// `ntp_listen`); the NTP sockets then take NTS requests too.
+    pub nts_ke_listen: Vec<SocketAddr>,
+    /// The key exchange's TLS (TLS 1.3, ALPN `ntske/1`).
+    pub nts_tls: Option<Arc<service::tls::TlsServerConfig>>,
+    /// How often the NTS master key is replaced (the last three open
+    /// cookies, so a client's cookies outlive two rotations).
+    pub nts_key_rotation: Duration,
+    /// The NTP server the key exchange names (by default none: clients
+    /// use the key exchange's host) and its port (by default the first
+    /// NTP socket's, when it is not 123).
+    pub nts_ntp_server: Option<String>,
 }
 
 /// How requests reach the handlers.
@@ -140,6 +153,10 @@ impl Default for Config {
             tls: None,
             tcp: TcpConfig::default(),
             clock: None,
+            nts_ke_listen: Vec::new(),
+            nts_tls: None,
+            nts_key_rotation: Duration::from_secs(86_400),
+            nts_ntp_server: None,
         }
     }
 }
@@ -168,8 +185,11 @@ pub enum BindError {
         addr: SocketAddr,
     },
     /// TLS listeners without a certificate.
-    #[error("--tls-listen needs --tls-cert and --tls-key")]
+    #[error("--tls-listen and --nts-ke-listen need --tls-cert and --tls-key")]
     NoCertificate,
+    /// A key exchange without NTP sockets to use its cookies.
+    #[error("--nts-ke-listen needs --ntp-listen (NTS protects NTP)")]
+    NtsWithoutNtp,
     /// Anything else.
     #[error("cannot listen on {addr}: {source}")]
     Other {
@@ -238,6 +258,8 @@ pub struct Server {
     udp: UdpServer,
     ntp: Vec<UdpServer>,
     streams: Vec<TcpServer>,
+    ke: Vec<TcpServer>,
+    nts: Option<(Arc<KeService>, Duration)>,
     handlers: TimeServer,
     dispatch: Dispatch,
 }
@@ -293,10 +315,22 @@ impl Server {
             (None, Nanos::ZERO) => Arc::new(SystemClock),
             (None, offset) => Arc::new(SkewedClock::new(SystemClock, offset)),
         };
+        // NTS: master keys shared by the key exchange and the NTP sockets.
+        let master: Option<SharedMasterKeys> = if config.nts_ke_listen.is_empty() {
+            None
+        } else {
+            if config.ntp_listen.is_empty() {
+                return Err(BindError::NtsWithoutNtp);
+            }
+            Some(Arc::new(std::sync::RwLock::new(
+                service::nts::MasterKeys::generate(),
+            )))
+        };
         let mut ntp = Vec::with_capacity(config.ntp_listen.len());
         if !config.ntp_listen.is_empty() {
             let face = Face::Ntp(NtpFace {
                 precision: measure_precision(&*clock),
+                nts: master.clone(),
                 ..config.ntp.clone()
             });
             for &addr in &config.ntp_listen {
@@ -326,10 +360,37 @@ impl Server {
                 streams.push(TcpServer::new(bind_tcp(addr).await?, clock.clone(), tcp));
             }
         }
+        let mut ke = Vec::new();
+        let mut nts = None;
+        if let Some(master) = master {
+            let tls = config.nts_tls.clone().ok_or(BindError::NoCertificate)?;
+            let ntp_port = ntp
+                .first()
+                .and_then(|s| s.local_addr().ok())
+                .map(|a| a.port())
+                .filter(|&p| p != 123);
+            let service = Arc::new(KeService {
+                master,
+                options: service::nts::ke::ServerOptions {
+                    server: config.nts_ntp_server.clone(),
+                    port: ntp_port,
+                },
+            });
+            for &addr in &config.nts_ke_listen {
+                let tcp = TcpConfig {
+                    tls: Some(tls.clone()),
+                    ..config.tcp.clone()
+                };
+                ke.push(TcpServer::new(bind_tcp(addr).await?, clock.clone(), tcp));
+            }
+            nts = Some((service, config.nts_key_rotation));
+        }
         Ok(Server {
             udp: UdpServer::new(socket, clock.clone(), config.transport),
             ntp,
             streams,
+            ke,
+            nts,
             handlers: TimeServer::new(clock, config.processing_delay),
             dispatch: config.dispatch,
         })
@@ -343,6 +404,11 @@ impl Server {
     /// The NTP addresses actually bound, in the order configured.
     pub fn ntp_addrs(&self) -> io::Result<Vec<SocketAddr>> {
         self.ntp.iter().map(UdpServer::local_addr).collect()
+    }
+
+    /// The NTS key-exchange addresses actually bound.
+    pub fn nts_ke_addrs(&self) -> io::Result<Vec<SocketAddr>> {
+        self.ke.iter().map(TcpServer::local_addr).collect()
     }
 
     /// The TCP, then TLS, addresses actually bound, with whether each
@@ -432,8 +498,37 @@ impl Server {
         let streams = futures::future::join_all(
             self.streams
                 .into_iter()
-                .map(|tcp| tcp.run(handler.clone(), stopped())),
+                .map(|tcp| tcp.run(Protocol::Cerv(handler.clone()), stopped())),
         );
+        let (ke_service, rotation) = match self.nts {
+            Some((service, every)) => (Some(service), Some(every)),
+            None => (None, None),
+        };
+        let ke = futures::future::join_all(self.ke.into_iter().filter_map(|tcp| {
+            let service = ke_service.clone()?;
+            Some(tcp.run(Protocol::NtsKe(service), stopped()))
+        }));
+        // The master key is replaced every `rotation`; the keys of the last
+        // rotations still open the cookies they sealed.
+        let rotate = {
+            let stop = stopped();
+            let service = ke_service.clone();
+            async move {
+                let (Some(service), Some(every)) = (service, rotation) else {
+                    return;
+                };
+                tokio::pin!(stop);
+                loop {
+                    tokio::select! {
+                        () = &mut stop => return,
+                        () = tokio::time::sleep(every) => {}
+                    }
+                    let mut keys = service.master.write().unwrap_or_else(|p| p.into_inner());
+                    keys.rotate(service::nts::Key::generate());
+                    tracing::info!(key_id = keys.current_id(), "rotated the NTS master key");
+                }
+            }
+        };
         let cerv = async {
             match self.dispatch {
                 Dispatch::Inline => {
@@ -456,7 +551,7 @@ impl Server {
             shutdown.await;
             let _ = stop_tx.send(true);
         };
-        let (stats, _, _, ()) = futures::join!(cerv, ntp, streams, signal);
+        let (stats, _, _, _, (), ()) = futures::join!(cerv, ntp, streams, ke, rotate, signal);
         stats
     }
 }

@@ -146,6 +146,23 @@ struct Args {
     /// TLS: close a connection whose handshake takes longer than this.
     #[arg(long, default_value = "5s", value_name = "DURATION")]
     tls_handshake_timeout: Nanos,
+
+    /// Run NTS key establishment on this address (repeatable; 0.0.0.0:4460
+    /// in production), with the certificate of --tls-cert and --tls-key:
+    /// clients get keys and cookies there, and the --ntp-listen sockets
+    /// then answer NTS-protected requests.
+    #[arg(long = "nts-ke-listen", value_name = "ADDR", requires_all = ["tls_cert", "tls_key", "ntp_listen"])]
+    nts_ke_listen: Vec<String>,
+
+    /// How often the NTS master key is replaced (cookies sealed under the
+    /// last three still open).
+    #[arg(long, default_value = "24h", value_name = "DURATION")]
+    nts_key_rotation: Nanos,
+
+    /// The NTP server name the key exchange tells clients to use (by
+    /// default none: they use the key exchange's host).
+    #[arg(long, value_name = "HOST")]
+    nts_ntp_server: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -237,6 +254,21 @@ fn config_from(args: &Args) -> Result<Config, Failure> {
             )));
         }
     };
+    let nts_ke_listen = resolve_all(&args.nts_ke_listen)?;
+    let nts_tls = match (&args.tls_cert, &args.tls_key, nts_ke_listen.is_empty()) {
+        (Some(cert), Some(key), false) => Some(
+            service::tls::server_config(cert, key, &[service::nts::ke::ALPN], true)
+                .map_err(|e| Failure::usage(e.into()))?,
+        ),
+        _ => None,
+    };
+    let nts_key_rotation = non_negative_duration(args.nts_key_rotation, "--nts-key-rotation")?;
+    if nts_key_rotation < Duration::from_secs(1) {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "invalid --nts-key-rotation '{}': at least 1s",
+            args.nts_key_rotation
+        )));
+    }
     let tcp_idle_timeout = non_negative_duration(args.tcp_idle_timeout, "--tcp-idle-timeout")?;
     let tls_handshake_timeout =
         non_negative_duration(args.tls_handshake_timeout, "--tls-handshake-timeout")?;
@@ -307,6 +339,10 @@ fn config_from(args: &Args) -> Result<Config, Failure> {
         tls_listen,
         tls,
         clock: None,
+        nts_ke_listen,
+        nts_tls,
+        nts_key_rotation,
+        nts_ntp_server: args.nts_ntp_server.clone(),
         tcp: TcpConfig {
             max_connections: args.tcp_max_connections,
             max_per_address: args.tcp_max_per_address,
@@ -385,6 +421,12 @@ fn run(args: Args) -> Result<(), Failure> {
         })? {
             let wire = if tls { "tls" } else { "tcp" };
             info!("serving {wire} on {addr}");
+        }
+        for addr in server.nts_ke_addrs().map_err(|e| Failure {
+            code: 1,
+            error: e.into(),
+        })? {
+            info!("serving nts-ke on {addr}");
         }
         info!(
             offset = %config.offset,

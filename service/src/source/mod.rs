@@ -40,6 +40,7 @@
 
 mod cerv;
 mod ntp;
+mod nts;
 pub mod spec;
 mod stream;
 
@@ -113,6 +114,9 @@ pub struct SourceOptions {
     /// TLS client configuration (trust roots) for `tls://` sources; the
     /// system's roots when `None`.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The same for the NTS key exchange of `nts://` sources (TLS 1.3,
+    /// ALPN `ntske/1`: see [`crate::tls::client_config`]).
+    pub nts_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// `d` ± 10 %, at random: the wait between periodic syncs, spread so that
@@ -362,7 +366,7 @@ impl fmt::Display for NoAnswer {
         } else if self.malformed > 0 {
             let expected = match self.wire {
                 Wire::Cerv | Wire::Tcp | Wire::Tls => "is this a cerv server?",
-                Wire::Ntp => "is this an NTP server?",
+                Wire::Ntp | Wire::Nts => "is this an NTP server?",
             };
             format!("{} malformed replies: {expected}", self.malformed)
         } else if self.unmatched > 0 {
@@ -388,6 +392,8 @@ enum Link {
     Datagram(Arc<dyn Exchanger>),
     /// A connection per sync.
     Stream(stream::StreamLink),
+    /// NTS: a key exchange when needed, then datagrams.
+    Nts(nts::NtsLink),
 }
 
 /// One time server over one wire.
@@ -440,8 +446,16 @@ impl Source {
                     .await?,
             )),
             Wire::Ntp => Link::Datagram(Arc::new(
-                ntp::NtpExchanger::open(server, clock.clone(), &options, stats.clone()).await?,
+                ntp::NtpExchanger::open(server, clock.clone(), &options, stats.clone(), None)
+                    .await?,
             )),
+            Wire::Nts => Link::Nts(nts::NtsLink::new(
+                server,
+                &spec.host,
+                clock.clone(),
+                options,
+                stats.clone(),
+            )?),
             Wire::Tcp | Wire::Tls => Link::Stream(stream::StreamLink::new(
                 spec.wire,
                 server,
@@ -586,6 +600,15 @@ impl Source {
             Link::Datagram(e) => (e.clone(), options.retries),
             Link::Stream(link) => match link.connect(options.timeout).await {
                 Ok(e) => (Arc::new(e), 0),
+                Err(reason) => {
+                    return Err(SyncError::Connect {
+                        source_name: self.name(),
+                        reason,
+                    });
+                }
+            },
+            Link::Nts(link) => match link.prepare(options.timeout).await {
+                Ok(e) => (e, options.retries),
                 Err(reason) => {
                     return Err(SyncError::Connect {
                         source_name: self.name(),

@@ -12,10 +12,19 @@
 //! - Replies are checked as [`crate::ntp::check_reply`] says (mode,
 //!   version, origin, stratum, leap, zero timestamps); ts2 and ts3 are
 //!   placed in the NTP era nearest ts1, so the 2036 wrap is harmless.
+//! - With NTS ([`NtsSession`], from a key exchange), every request
+//!   carries a cookie, a fresh unique identifier and an authenticator, and
+//!   a reply counts only if it echoes that identifier and authenticates
+//!   under the session's key: anything else with the right origin (a
+//!   forgery, an altered reply, a replay of another request's reply, an
+//!   unauthenticated kiss) is counted and ignored, and the request goes on
+//!   waiting for the genuine answer. An NTS NAK ends the session: the
+//!   next sync shakes hands again.
 
 use super::{CallError, CallFuture, Exchanger, Probe, SourceOptions};
 use crate::clock::Clock;
 use crate::ntp::{self, NtpTimestamp, Reply, ReplyError};
+use crate::nts::{CookieJar, Key, NtsError, ef};
 use crate::sync::{NowExchange, Sample};
 use crate::time::Timestamp;
 use crate::transport::client::{ClientStats, UdpClientTransport};
@@ -34,11 +43,50 @@ use tokio::sync::oneshot;
 struct Arrived {
     reply: Result<Reply, ReplyError>,
     ts4: Timestamp,
+    /// The server's NTS NAK.
+    nak: bool,
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Arrived>>>>;
+/// The keys and cookies of one NTS key exchange.
+pub(super) struct NtsSession {
+    c2s: Key,
+    s2c: Key,
+    jar: Mutex<CookieJar>,
+    /// The server said it cannot open our cookies: shake hands again.
+    nak: std::sync::atomic::AtomicBool,
+}
 
-fn lock(p: &Pending) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Arrived>>> {
+impl NtsSession {
+    pub(super) fn new(c2s: Key, s2c: Key, cookies: Vec<Vec<u8>>) -> Self {
+        NtsSession {
+            c2s,
+            s2c,
+            jar: Mutex::new(CookieJar::from_cookies(cookies)),
+            nak: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Whether it can still make requests.
+    pub(super) fn usable(&self) -> bool {
+        !self.nak.load(std::sync::atomic::Ordering::Relaxed)
+            && !self
+                .jar
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+    }
+}
+
+/// A request waiting for its reply.
+struct Waiter {
+    tx: oneshot::Sender<Arrived>,
+    /// With NTS: the request's unique identifier, and the session.
+    nts: Option<([u8; ef::UID_LEN], Arc<NtsSession>)>,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, Waiter>>>;
+
+fn lock(p: &Pending) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
     p.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -54,6 +102,7 @@ pub(super) struct NtpExchanger {
     pending: Pending,
     reader: tokio::task::AbortHandle,
     poll: i8,
+    nts: Option<Arc<NtsSession>>,
 }
 
 impl Drop for NtpExchanger {
@@ -81,6 +130,7 @@ impl NtpExchanger {
         clock: Arc<dyn Clock>,
         options: &SourceOptions,
         stats: Arc<ClientStats>,
+        nts: Option<Arc<NtsSession>>,
     ) -> io::Result<Self> {
         let socket = UdpClientTransport::bind_connected(server).await?;
         if options.stamping == Stamping::Kernel
@@ -104,6 +154,7 @@ impl NtpExchanger {
             pending,
             reader,
             poll: options.poll,
+            nts,
         })
     }
 
@@ -119,19 +170,44 @@ impl NtpExchanger {
             }
         };
         let (tx, rx) = oneshot::channel();
+        let mut request = [0u8; MAX_DATAGRAM];
+        let mut len = ntp::write_request(NtpTimestamp(cookie), self.poll, &mut request);
+        let nts = match &self.nts {
+            None => None,
+            Some(session) => {
+                // One cookie spent; ask for enough back to fill the jar.
+                let (nts_cookie, placeholders) = {
+                    let mut jar = session.jar.lock().unwrap_or_else(|e| e.into_inner());
+                    let Some(c) = jar.take() else {
+                        return Err(CallError::Failed("no NTS cookie left".into()));
+                    };
+                    (c, jar.placeholders())
+                };
+                let uid: [u8; ef::UID_LEN] = rand::random();
+                len = ef::write_request(
+                    &mut request,
+                    len,
+                    &uid,
+                    &nts_cookie,
+                    placeholders,
+                    &session.c2s,
+                    &rand::random(),
+                )
+                .map_err(|e| CallError::Failed(format!("cannot write the NTS request: {e}")))?;
+                Some((uid, session.clone()))
+            }
+        };
         {
             let mut pending = lock(&self.pending);
             if pending.len() >= MAX_PENDING {
                 return Err(CallError::Failed("too many requests in flight".into()));
             }
-            pending.insert(cookie, tx);
+            pending.insert(cookie, Waiter { tx, nts });
         }
         let _forget = Forget {
             pending: &self.pending,
             cookie,
         };
-        let mut request = [0u8; ntp::HEADER_LEN];
-        let len = ntp::write_request(NtpTimestamp(cookie), self.poll, &mut request);
         let ts1 = self.clock.now();
         if let Err(e) = self.socket.send(&request[..len]).await {
             self.stats.count_error(&e);
@@ -147,6 +223,16 @@ impl NtpExchanger {
             Ok(Err(_)) => return Err(CallError::Failed("the socket failed".into())),
             Ok(Ok(arrived)) => arrived,
         };
+        if arrived.nak {
+            if let Some(session) = &self.nts {
+                session
+                    .nak
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            return Err(CallError::Failed(
+                "NTS NAK: the server could not open our cookie (keys will be renewed)".into(),
+            ));
+        }
         match arrived.reply {
             Ok(Reply::Kiss(kiss)) => Err(CallError::Kiss(kiss)),
             Ok(reply) => Ok((ts1, reply, arrived.ts4)),
@@ -234,23 +320,42 @@ async fn receive(
             }
         };
         let mut waiting = lock(&pending);
-        if !waiting.contains_key(&origin) || origin == 0 {
+        let Some(waiter) = waiting.get(&origin).filter(|_| origin != 0) else {
             drop(waiting);
             stats.unmatched.incr();
             tracing::debug!("dropping NTP reply that matches no request");
             continue;
+        };
+        // With NTS, only what authenticates for this very request counts.
+        let mut nak = false;
+        if let Some((uid, session)) = &waiter.nts {
+            match ef::check_reply(bytes, uid, &session.s2c) {
+                Ok(cookies) => {
+                    let mut jar = session.jar.lock().unwrap_or_else(|e| e.into_inner());
+                    for c in cookies {
+                        jar.add(c);
+                    }
+                }
+                Err(NtsError::Nak) => nak = true,
+                Err(why) => {
+                    drop(waiting);
+                    stats.auth_failed.incr();
+                    tracing::debug!(%why, "dropping an NTS reply that does not authenticate");
+                    continue;
+                }
+            }
         }
         let reply = ntp::check_reply(bytes, NtpTimestamp(origin));
-        if let Err(ReplyError::Packet(why)) = reply {
+        if let (Err(ReplyError::Packet(why)), false) = (&reply, nak) {
             // Not a reply at all: the request goes on waiting.
             drop(waiting);
             stats.malformed.incr();
             tracing::debug!(%why, "dropping malformed NTP reply");
             continue;
         }
-        if let Some(tx) = waiting.remove(&origin) {
+        if let Some(waiter) = waiting.remove(&origin) {
             stats.received.incr();
-            let _ = tx.send(Arrived { reply, ts4 });
+            let _ = waiter.tx.send(Arrived { reply, ts4, nak });
         }
     }
 }

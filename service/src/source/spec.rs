@@ -7,6 +7,7 @@
 //! | `ntp://host[:port]` | NTP (v4) | 123 |
 //! | `tcp://host[:port]` | cerv's tarpc wire over TCP | 8081 |
 //! | `tls://host[:port]` | cerv's tarpc wire over TLS | 8443 |
+//! | `nts://host[:port]` | NTP with NTS (the port is the key exchange's) | 4460 |
 //!
 //! Hosts are names, IPv4 addresses or IPv6 addresses (bracketed when a
 //! port follows: `[::1]:8081`, `ntp://[::1]:123`).
@@ -62,11 +63,13 @@ pub enum Wire {
     Tcp,
     /// cerv's tarpc service over TLS: a server that proves who it is.
     Tls,
+    /// NTP protected by NTS: a key exchange, then authenticated NTP.
+    Nts,
 }
 
 impl Wire {
     /// Every wire, in the order help texts list them.
-    pub const ALL: [Wire; 4] = [Wire::Cerv, Wire::Ntp, Wire::Tcp, Wire::Tls];
+    pub const ALL: [Wire; 5] = [Wire::Cerv, Wire::Ntp, Wire::Tcp, Wire::Tls, Wire::Nts];
 
     /// The scheme that names it (`ntp` in `ntp://host`).
     pub fn scheme(self) -> &'static str {
@@ -75,6 +78,7 @@ impl Wire {
             Wire::Ntp => "ntp",
             Wire::Tcp => "tcp",
             Wire::Tls => "tls",
+            Wire::Nts => "nts",
         }
     }
 
@@ -84,6 +88,7 @@ impl Wire {
             Wire::Cerv | Wire::Tcp => 8081,
             Wire::Ntp => 123,
             Wire::Tls => 8443,
+            Wire::Nts => crate::nts::ke::PORT,
         }
     }
 

@@ -140,8 +140,9 @@ fn kernel_time(h: &libc::msghdr) -> Option<Timestamp> {
     None
 }
 
-/// Largest datagram a [`SendBatch`] holds: the largest reply, tagged.
-pub const SEND_LEN: usize = crate::wire::MAX_REPLY_LEN + crate::auth::TRAILER_LEN;
+/// Largest datagram a [`SendBatch`] holds: the largest datagram (an NTS
+/// reply can be as long as its request).
+pub const SEND_LEN: usize = crate::wire::MAX_DATAGRAM;
 
 /// Buffers for one `sendmmsg`.
 pub struct SendBatch {

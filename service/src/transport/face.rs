@@ -9,6 +9,14 @@
 //! kernel's arrival stamp, its ts3 is read by the writer just before the
 //! reply leaves, and the reply echoes the request's transmit timestamp as
 //! its origin.
+//!
+//! **NTS** (RFC 8915): with master keys configured, a request carrying NTS
+//! extension fields is opened here (its cookie with the master keys, its
+//! authenticator with the keys inside the cookie), and the fresh cookies
+//! its reply carries are sealed here too, so the writer has only the
+//! reply's own encryption left to do after it reads ts3. A cookie that
+//! does not open, or an authenticator that fails, is answered with an NTS
+//! NAK (as chrony does); anything malformed is dropped.
 
 use super::limit::RateLimit;
 use super::server::ServerStats;
@@ -16,9 +24,11 @@ use super::socket::Arrival;
 use crate::auth::Keys;
 use crate::clock::{self, Clock};
 use crate::ntp::{self, PacketError, RefId, ServerState};
+use crate::nts::{MasterKeys, NtsRequest, ef};
 use crate::time::Timestamp;
 use crate::wire::{self, Authenticated, Call, ClientFrame, DecodeError};
 use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tracing::debug;
 
@@ -45,7 +55,14 @@ pub struct NtpFace {
     /// many, so that a spoofed flood cannot turn them into a flood of
     /// their own toward the victim.
     pub kiss_limit: RateLimit,
+    /// NTS: the master keys that open cookies (shared with the key
+    /// exchange, which seals them, and rotated by the server).
+    pub nts: Option<SharedMasterKeys>,
 }
+
+/// Master keys shared between the NTS key exchange, the NTP sockets and
+/// the task that rotates them.
+pub type SharedMasterKeys = Arc<RwLock<MasterKeys>>;
 
 impl Default for NtpFace {
     fn default() -> Self {
@@ -53,18 +70,44 @@ impl Default for NtpFace {
             local_stratum: None,
             precision: -20,
             kiss_limit: RateLimit { rate: 1, burst: 2 },
+            nts: None,
         }
     }
 }
 
 /// What a reply needs of its request, by wire.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) enum ReplyAs {
     /// A cerv reply, tagged like its request (if it was).
     Cerv(Option<Authenticated>),
     /// An NTP reply to this request header (its version, poll and
     /// transmit timestamp are echoed).
     Ntp(ntp::Header),
+    /// An NTS-authenticated NTP reply.
+    Nts(Arc<NtsReply>),
+    /// An NTS NAK to this request (its bytes: the NAK echoes its unique
+    /// identifier).
+    NtsNak(Arc<Vec<u8>>),
+}
+
+/// What an NTS reply needs: the request's header and NTS fields (its
+/// keys), and the fresh cookies, already sealed.
+#[derive(Debug)]
+pub(crate) struct NtsReply {
+    pub header: ntp::Header,
+    pub request: NtsRequest,
+    pub cookies: Vec<Vec<u8>>,
+}
+
+/// What became of a datagram.
+pub(crate) enum Decoded {
+    /// A request for the handlers.
+    Request(SocketAddr, Inbound),
+    /// An NTS request whose cookie or authenticator failed: it gets a NAK
+    /// at once.
+    Nak(SocketAddr, Arc<Vec<u8>>),
+    /// Dropped (and counted).
+    Dropped,
 }
 
 /// A decoded datagram on its way to the handlers.
@@ -89,37 +132,72 @@ pub(crate) fn decode(
     bytes: &[u8],
     arrival: &Arrival,
     next_id: &mut u64,
-) -> Option<(SocketAddr, Inbound)> {
+) -> Decoded {
     let Some(from) = arrival.from else {
         stats.malformed.incr();
-        return None;
+        return Decoded::Dropped;
     };
     if arrival.truncated {
         stats.oversized.incr();
-        return None;
+        return Decoded::Dropped;
     }
     match face {
         Face::Cerv => match wire::decode_client(bytes, keys) {
-            Ok((frame, auth)) => Some((
+            Ok((frame, auth)) => Decoded::Request(
                 from,
                 Inbound {
                     frame,
                     received: arrival.time_on(clock),
                     reply_as: ReplyAs::Cerv(auth),
                 },
-            )),
+            ),
             Err(reason) => {
                 count_cerv_error(stats, reason);
                 debug!(peer = %from, len = bytes.len(), %reason, "dropping datagram");
-                None
+                Decoded::Dropped
             }
         },
-        Face::Ntp(_) => match ntp::parse_request(bytes) {
+        Face::Ntp(ntp) => match ntp::parse_request(bytes) {
             Ok(request) => {
+                let is_nts = request
+                    .fields
+                    .iter()
+                    .any(|f| matches!(f.kind, ef::UNIQUE_IDENTIFIER | ef::COOKIE));
                 // Unknown extension fields are ignored (RFC 7822): the
                 // reply is a plain 48-byte one, no larger than the request.
+                // So are NTS fields when this server does not do NTS: the
+                // client will not trust the unauthenticated reply.
+                let reply_as = match (&ntp.nts, is_nts) {
+                    (Some(master), true) => {
+                        let master = master.read().unwrap_or_else(|p| p.into_inner());
+                        match ef::open_request(bytes, &master) {
+                            Ok(opened) => {
+                                stats.nts_requests.incr();
+                                let cookies = (0..opened.cookies_wanted)
+                                    .map(|_| master.seal(&opened.keys, &rand::random()))
+                                    .collect();
+                                ReplyAs::Nts(Arc::new(NtsReply {
+                                    header: request.header,
+                                    request: opened,
+                                    cookies,
+                                }))
+                            }
+                            Err(e) if e.nak() => {
+                                stats.nts_naks.incr();
+                                debug!(peer = %from, error = %e, "NTS NAK");
+                                return Decoded::Nak(from, Arc::new(bytes.to_vec()));
+                            }
+                            Err(e) => {
+                                stats.nts_failed.incr();
+                                debug!(peer = %from, error = %e, "dropping NTS request");
+                                return Decoded::Dropped;
+                            }
+                        }
+                    }
+                    _ => ReplyAs::Ntp(request.header),
+                };
                 *next_id = next_id.wrapping_add(1);
-                Some((
+                Decoded::Request(
                     from,
                     Inbound {
                         frame: ClientFrame::Request {
@@ -130,14 +208,14 @@ pub(crate) fn decode(
                             },
                         },
                         received: arrival.time_on(clock),
-                        reply_as: ReplyAs::Ntp(request.header),
+                        reply_as,
                     },
-                ))
+                )
             }
             Err(reason) => {
                 count_ntp_error(stats, reason);
                 debug!(peer = %from, len = bytes.len(), %reason, "dropping NTP datagram");
-                None
+                Decoded::Dropped
             }
         },
     }

@@ -36,7 +36,7 @@
 //! taken just before the replies leave, however many there are.
 
 use super::batch::{BATCH, RecvBatch, SendBatch};
-use super::face::{self, Face, Inbound, NtpState, ReplyAs};
+use super::face::{self, Decoded, Face, Inbound, NtpState, NtsReply, ReplyAs};
 use super::limit::{DEFAULT_SLOTS, Limiter, RateLimit};
 use super::socket::{Stamping, enable_timestamps};
 use super::{Counter, is_transient};
@@ -155,6 +155,13 @@ pub struct ServerStats {
     /// Rate-limited NTP requests that got no Kiss-o'-Death either (the
     /// kisses are rate limited too).
     pub kiss_suppressed: Counter,
+    /// NTS requests opened and answered.
+    pub nts_requests: Counter,
+    /// NTS requests answered with a NAK (a cookie that did not open, an
+    /// authenticator that failed).
+    pub nts_naks: Counter,
+    /// Malformed NTS requests, dropped.
+    pub nts_failed: Counter,
 }
 
 impl ServerStats {
@@ -165,7 +172,7 @@ impl ServerStats {
 
     /// Each reason a datagram was dropped, with its count (zeros
     /// included), in a fixed order.
-    pub fn drops(&self) -> [(&'static str, u64); 13] {
+    pub fn drops(&self) -> [(&'static str, u64); 14] {
         [
             ("oversized", self.oversized.get()),
             ("unpadded", self.unpadded.get()),
@@ -179,6 +186,7 @@ impl ServerStats {
             ("wrong mode", self.wrong_mode.get()),
             ("bad version", self.bad_version.get()),
             ("mac", self.mac.get()),
+            ("nts failed", self.nts_failed.get()),
             ("send failed", self.send_failed.get()),
         ]
     }
@@ -199,6 +207,14 @@ impl fmt::Display for ServerStats {
         }
         if self.kiss_sent.get() > 0 {
             write!(f, ", kiss-o'-death sent {}", self.kiss_sent.get())?;
+        }
+        if self.nts_requests.get() + self.nts_naks.get() > 0 {
+            write!(
+                f,
+                ", nts {}, nts naks {}",
+                self.nts_requests.get(),
+                self.nts_naks.get()
+            )?;
         }
         let mut first = true;
         let recv_failed = ("recv failed", self.recv_failed.get());
@@ -238,6 +254,8 @@ enum PendingReply {
     },
     /// A Kiss-o'-Death (NTP only).
     Kiss(RefId),
+    /// An NTS NAK (its request is in the reply's `ReplyAs`).
+    NtsNak,
 }
 
 /// Replies waiting to be sent, from every peer.
@@ -328,7 +346,7 @@ impl PeerTransport {
     fn send(&mut self, response: Response<TimeServiceResponse>) {
         let id = response.request_id;
         let slot = &mut self.arrivals[(id % ARRIVALS as u64) as usize];
-        let Some((_, arrival, reply_as)) = slot.filter(|(sid, ..)| *sid == id) else {
+        let Some((_, arrival, reply_as)) = slot.take_if(|(sid, ..)| *sid == id) else {
             // The request's record was overwritten by later ones (more than
             // ARRIVALS in flight): its tag is gone, so an authenticated
             // reply cannot be made; an untagged one goes out with the
@@ -349,7 +367,6 @@ impl PeerTransport {
             }
             return;
         };
-        *slot = None;
         let reply = pending_reply(response.message, Some(arrival));
         self.outbox.push(
             Outgoing {
@@ -509,6 +526,18 @@ async fn write_replies(
                     let state = state.current(now);
                     batch.push(to, |buf| encode_ntp(&request, out.reply, state, now, buf));
                 }
+                ReplyAs::Nts(nts) => {
+                    let Some(state) = ntp_state.as_mut() else {
+                        continue;
+                    };
+                    let state = state.current(now);
+                    batch.push(to, |buf| {
+                        encode_nts(&nts, out.reply, state, now, buf, &stats)
+                    });
+                }
+                ReplyAs::NtsNak(request) => {
+                    batch.push(to, |buf| crate::nts::ef::write_nak(buf, &request).ok());
+                }
             }
         }
         let mut start = 0;
@@ -548,7 +577,7 @@ fn encode_cerv(
         PendingReply::Probe { ts1, ts2 } => Reply::Probe { ts1, ts2, ts3: now },
         PendingReply::Now => Reply::Now { time: now },
         PendingReply::Error { code, detail } => Reply::Error { code, detail },
-        PendingReply::Kiss(_) => return None,
+        PendingReply::Kiss(_) | PendingReply::NtsNak => return None,
     };
     let frame = ServerFrame { id: out.id, reply };
     // The request was tagged with one of our keys (or decoding it would
@@ -582,7 +611,34 @@ fn encode_ntp(
             code: ErrorCode::Busy,
             ..
         } => Some(ntp::write_kiss(request, RefId::RATE, buf)),
-        PendingReply::Now | PendingReply::Error { .. } => None,
+        PendingReply::Now | PendingReply::Error { .. } | PendingReply::NtsNak => None,
+    }
+}
+
+/// Encodes an NTS reply: the NTP header, the unique identifier echoed,
+/// then the authenticator over all of it with the fresh cookies inside
+/// (no larger than the request: its placeholders made room). Errors have
+/// no authenticated form (a client ignores unauthenticated kisses): they
+/// are dropped.
+fn encode_nts(
+    nts: &NtsReply,
+    reply: PendingReply,
+    state: &ntp::ServerState,
+    now: Timestamp,
+    buf: &mut [u8],
+    stats: &ServerStats,
+) -> Option<usize> {
+    let PendingReply::Probe { ts2, .. } = reply else {
+        return None;
+    };
+    let header = ntp::write_reply(&nts.header, state, ts2, now, buf);
+    match crate::nts::ef::write_reply(buf, header, &nts.request, &nts.cookies, &rand::random()) {
+        Ok(len) => Some(len),
+        Err(e) => {
+            debug!(error = %e, "NTS reply not sent");
+            stats.send_failed.incr();
+            None
+        }
     }
 }
 
@@ -682,7 +738,7 @@ where
             outbox: self.outbox.clone(),
             stats: self.stats.clone(),
             context: self.context,
-            arrivals: [None; ARRIVALS],
+            arrivals: std::array::from_fn(|_| None),
             max_in_flight: self.config.max_in_flight.max(1),
             has_keys: self.config.keys.is_some(),
         };
@@ -751,7 +807,7 @@ impl<H> Inline<H> {
                 to,
                 id,
                 reply: pending_reply(message, Some(inbound.received)),
-                reply_as: inbound.reply_as,
+                reply_as: inbound.reply_as.clone(),
             },
             &self.stats,
         );
@@ -1041,7 +1097,7 @@ impl UdpServer {
                                     }
                                     continue;
                                 }
-                                if let Some((from, inbound)) = face::decode(
+                                match face::decode(
                                     &face,
                                     &self.stats,
                                     &*self.clock,
@@ -1050,7 +1106,19 @@ impl UdpServer {
                                     arrival,
                                     &mut next_id,
                                 ) {
-                                    dispatch.dispatch(from, inbound, tick);
+                                    Decoded::Request(from, inbound) => {
+                                        dispatch.dispatch(from, inbound, tick);
+                                    }
+                                    Decoded::Nak(from, request) => outbox.push(
+                                        Outgoing {
+                                            to: from,
+                                            id: 0,
+                                            reply: PendingReply::NtsNak,
+                                            reply_as: ReplyAs::NtsNak(request),
+                                        },
+                                        &self.stats,
+                                    ),
+                                    Decoded::Dropped => {}
                                 }
                             }
                         }

@@ -7,6 +7,11 @@
 //!        ─▶ frames (≤ MAX_FRAME) ─▶ decode ─▶ rate limit ─▶ handler ─▶ reply frame (ts3 read last)
 //! ```
 //!
+//! The same listener serves NTS key establishment (RFC 8915 §4): TLS 1.3,
+//! ALPN `ntske/1`, one request read (bounded, within the idle timeout), the
+//! keys exported from the TLS session, eight cookies sealed under the
+//! server's master keys, and the connection closed.
+//!
 //! Each connection is served in order by a task of its own: a client asks
 //! once and waits (fient makes one connection per sync and a handful of
 //! calls on it). A connection ends when the client closes it, when it is
@@ -15,12 +20,14 @@
 //! included), and at shutdown. Every reason is counted.
 
 use super::Counter;
+use super::face::SharedMasterKeys;
 use super::limit::{Limiter, RateLimit};
 use super::server::HandlerFuture;
 use super::socket::Stamping;
 use super::stream::{Framer, MAX_FRAME, PREFIX, StampCell, StampedTcp, frame};
 use crate::auth::Keys;
 use crate::clock::Clock;
+use crate::nts::ke;
 use crate::rpc::{TimeServiceRequest, TimeServiceResponse};
 use crate::wire::{
     self, Call, ClientFrame, DecodeError, ErrorCode, MAX_REPLY_LEN, Reply, ServerFrame,
@@ -174,7 +181,26 @@ impl Drop for Slot {
     }
 }
 
-/// A TCP (or TLS) listener serving [`crate::rpc::TimeService`].
+/// What a listener serves.
+#[derive(Clone)]
+pub enum Protocol {
+    /// cerv's wire: each request to the handler.
+    Cerv(Handler),
+    /// NTS key establishment, sealing cookies with these master keys (the
+    /// listener's TLS must be TLS 1.3 with ALPN `ntske/1`).
+    NtsKe(Arc<KeService>),
+}
+
+/// An NTS key-establishment service.
+#[derive(Debug)]
+pub struct KeService {
+    /// The master keys cookies are sealed under (the NTP sockets open them).
+    pub master: SharedMasterKeys,
+    /// The NTP server and port the response names, if not the defaults.
+    pub options: ke::ServerOptions,
+}
+
+/// A TCP (or TLS) listener serving [`crate::rpc::TimeService`] or NTS-KE.
 pub struct TcpServer {
     listener: TcpListener,
     clock: Arc<dyn Clock>,
@@ -215,11 +241,19 @@ impl TcpServer {
 
     /// Serves until `shutdown` completes, then lets open connections
     /// finish within the grace period; returns the counters.
-    pub async fn run(self, handler: Handler, shutdown: impl Future<Output = ()>) -> Arc<TcpStats> {
+    pub async fn run(
+        self,
+        protocol: Protocol,
+        shutdown: impl Future<Output = ()>,
+    ) -> Arc<TcpStats> {
         let open = Arc::new(Mutex::new(Open::default()));
         let mut tasks = JoinSet::new();
         let acceptor = self.config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
-        let name = if acceptor.is_some() { "tls" } else { "tcp" };
+        let name = match (&protocol, acceptor.is_some()) {
+            (Protocol::NtsKe(_), _) => "nts-ke",
+            (Protocol::Cerv(_), true) => "tls",
+            (Protocol::Cerv(_), false) => "tcp",
+        };
         let mut log_every =
             tokio::time::interval(self.config.stats_interval.max(Duration::from_secs(1)));
         log_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -268,17 +302,22 @@ impl TcpServer {
                         clock: self.clock.clone(),
                         config: self.config.clone(),
                         stats: self.stats.clone(),
-                        handler: handler.clone(),
                     };
                     let acceptor = acceptor.clone();
+                    let protocol = protocol.clone();
                     tasks.spawn(async move {
                         let _slot = slot;
-                        match acceptor {
-                            None => connection.serve(stamped).await,
-                            Some(acceptor) => {
+                        match (acceptor, protocol) {
+                            (None, Protocol::Cerv(handler)) => connection.serve(stamped, &handler).await,
+                            // Key establishment is only ever over TLS.
+                            (None, Protocol::NtsKe(_)) => {}
+                            (Some(acceptor), protocol) => {
                                 let timeout = connection.config.handshake_timeout;
                                 match tokio::time::timeout(timeout, acceptor.accept(stamped)).await {
-                                    Ok(Ok(tls)) => connection.serve(tls).await,
+                                    Ok(Ok(tls)) => match protocol {
+                                        Protocol::Cerv(handler) => connection.serve(tls, &handler).await,
+                                        Protocol::NtsKe(ke) => connection.serve_ke(tls, &ke).await,
+                                    },
                                     Ok(Err(e)) => {
                                         connection.stats.handshake_failed.incr();
                                         debug!(peer = %connection.peer, error = %e, "TLS handshake failed");
@@ -340,11 +379,75 @@ struct Connection {
     clock: Arc<dyn Clock>,
     config: TcpConfig,
     stats: Arc<TcpStats>,
-    handler: Handler,
 }
 
 impl Connection {
-    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(self, mut stream: S) {
+    /// NTS-KE on a TLS connection: one request, one response, closed.
+    async fn serve_ke(self, mut tls: tokio_rustls::server::TlsStream<StampedTcp>, ke: &KeService) {
+        if tls.get_ref().1.alpn_protocol() != Some(ke::ALPN) {
+            self.stats.handshake_failed.incr();
+            debug!(peer = %self.peer, "NTS-KE without ALPN ntske/1");
+            return;
+        }
+        let mut decoder = ke::Decoder::new();
+        let mut buf = [0u8; 2048];
+        let idle = self.config.idle_timeout;
+        let request = loop {
+            let n = match tokio::time::timeout(idle, tls.read(&mut buf)).await {
+                Err(_) => {
+                    self.stats.idle_closed.incr();
+                    return;
+                }
+                Ok(Err(e)) => {
+                    self.stats.io_failed.incr();
+                    debug!(peer = %self.peer, error = %e, "NTS-KE read failed");
+                    return;
+                }
+                Ok(Ok(0)) => return,
+                Ok(Ok(n)) => n,
+            };
+            match decoder.feed(&buf[..n]) {
+                Ok(ke::Decoded::NeedMore) => continue,
+                Ok(ke::Decoded::Complete(message)) => break Ok(message),
+                Err(e) => break Err(e),
+            }
+        };
+        self.stats.requests.incr();
+        let response = match request {
+            Ok(message) => {
+                let conn = &tls.get_ref().1;
+                let master = ke.master.read().unwrap_or_else(|p| p.into_inner());
+                ke::respond(
+                    &message,
+                    |aead| {
+                        ke::export_keys(aead, |out, label, context| {
+                            conn.export_keying_material(out, label, Some(context))
+                                .map(|_| ())
+                        })
+                        .ok()
+                    },
+                    &master,
+                    &ke.options,
+                )
+            }
+            Err(e) => {
+                self.stats.malformed.incr();
+                debug!(peer = %self.peer, error = %e, "bad NTS-KE request");
+                ke::write_error(ke::ErrorCode::BAD_REQUEST)
+            }
+        };
+        let sent = async {
+            tls.write_all(&response).await?;
+            tls.flush().await?;
+            tls.shutdown().await
+        };
+        match tokio::time::timeout(idle, sent).await {
+            Ok(Ok(())) => self.stats.replied.incr(),
+            _ => self.stats.io_failed.incr(),
+        }
+    }
+
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(self, mut stream: S, handler: &Handler) {
         let mut framer = Framer::default();
         let mut buf = vec![0u8; PREFIX + MAX_FRAME];
         let mut out = Vec::with_capacity(PREFIX + MAX_FRAME);
@@ -404,7 +507,7 @@ impl Connection {
                 let mut ctx = tarpc::context::current();
                 ctx.deadline = Instant::now() + deadline;
                 // Past its deadline the client has stopped waiting.
-                match tokio::time::timeout(deadline, (self.handler)(ctx, request)).await {
+                match tokio::time::timeout(deadline, handler(ctx, request)).await {
                     Err(_) => continue,
                     Ok(result) => result,
                 }
