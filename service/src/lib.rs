@@ -10,6 +10,8 @@
 //! - [`transport`]: tarpc over UDP, client and server side.
 //! - [`client`]: connect, probe and sync in a few lines.
 //! - [`signals`]: Ctrl-C and SIGTERM, for the binaries.
+//! - [`shm`]: the clock for every process: fient publishes to a shared-memory
+//!   segment, any process reads an interval from it without a system call.
 //! - [`synced`]: [`synced::SyncedClock`], an interval that holds the server's time, kept in sync in the background.
 
 pub mod auth;
@@ -17,6 +19,7 @@ pub mod client;
 pub mod clock;
 pub mod discipline;
 pub mod rpc;
+pub mod shm;
 pub mod signals;
 pub mod sync;
 pub mod synced;
