@@ -44,7 +44,7 @@
 //!
 //! Why `CLOCK_BOOTTIME` (costs measured on this project's machines, all
 //! through the vDSO; `examples/shm_bench.rs` prints them):
-//! - `CLOCK_MONOTONIC_COARSE` (≈ 7–11 ns, vs ≈ 31 ns for the others) ticks
+//! - `CLOCK_MONOTONIC_COARSE` (≈ 9 ns, vs ≈ 35 ns for the others) ticks
 //!   only every 4 ms (HZ=250): fine to age a bound, far too coarse to carry
 //!   the time itself forward, which is what makes a reader step-proof.
 //! - `CLOCK_MONOTONIC_RAW` is out of reach of every correction, which also
@@ -56,7 +56,7 @@
 //!   sleep, and `void_after` would not have passed.
 //! - `CLOCK_BOOTTIME` is `CLOCK_MONOTONIC` plus time spent suspended: the
 //!   disciplined rate, no steps, and it counts a sleep as the calendar
-//!   does. Same cost as the rest (≈ 31 ns here).
+//!   does. Same cost as the rest (≈ 35 ns here).
 //!
 //! What the writer must keep true, since readers trust it: `max_drift_ppb`
 //! covers how fast the disciplined clock may wander from the true time,
