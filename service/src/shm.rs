@@ -1163,6 +1163,20 @@ mod tests {
     }
 
     #[test]
+    fn a_writer_does_not_keep_another_boots_data() {
+        let (_dir, path) = temp_segment();
+        ShmWriter::create(&path)
+            .unwrap()
+            .write(&synced(1, NEW_YEAR, 0, 0, 0));
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[80..96].copy_from_slice(&[0x5a; 16]);
+        fs::write(&path, bytes).unwrap();
+        let _writer = ShmWriter::create(&path).unwrap();
+        let reader = ShmReader::open(&path).unwrap();
+        assert_eq!(reader.snapshot().unwrap(), ShmSnapshot::unsynchronized());
+    }
+
+    #[test]
     fn a_foreign_file_is_replaced_not_truncated() {
         let (_dir, path) = temp_segment();
         fs::write(&path, b"not a clock").unwrap();

@@ -87,7 +87,13 @@ fn child_role() {
                 }
                 reads += 1;
                 if reads % 64 == 0 {
-                    reader.now().expect("now");
+                    match reader.now() {
+                        Ok(_) => {}
+                        // A writer rewriting millions of times a second can
+                        // outlast the retries; a real one writes per sync.
+                        Err(service::shm::ShmError::Busy { .. }) => busy += 1,
+                        Err(e) => panic!("now failed: {e}"),
+                    }
                 }
                 if last == FINAL {
                     break;
@@ -187,8 +193,8 @@ fn the_status_turns_stale_when_the_writer_goes_quiet() {
     let reader = ShmReader::open(&path).unwrap();
     writer.write(&ShmSnapshot::synchronized(
         ClockPair::read(),
-        Nanos::from_micros(-100),
-        Nanos::from_micros(100),
+        Nanos::from_millis(-100),
+        Nanos::from_millis(100),
         50_000,
         Nanos::from_millis(200),
     ));
@@ -200,8 +206,8 @@ fn the_status_turns_stale_when_the_writer_goes_quiet() {
     // Still an interval, wider by the drift of the time gone by.
     assert!(old.width() > fresh.width());
     assert!(old.earliest > fresh.earliest);
-    // The true time (CLOCK_REALTIME here, which the snapshot says is within
-    // 100 µs of it) is inside both.
+    // CLOCK_REALTIME, which the snapshot says is within 100 ms of the true
+    // time, is inside (read a little later, with room for a preemption).
     let real = service::Clock::now(&service::SystemClock);
     assert!(old.contains(real), "{old:?} vs {real}");
 }
@@ -368,7 +374,9 @@ fn the_c_reader_reads_a_segment_the_rust_writer_wrote() {
         50_000,
         Nanos::from_secs(60),
     );
-    snapshot.leap = Leap::Insert;
+    // A deletion moves the answer only forward, so "between two readings"
+    // holds even if this runs at midnight UTC.
+    snapshot.leap = Leap::Delete;
     writer.write(&snapshot);
     let before = reader.now().unwrap();
     let out = Command::new(&checker)
