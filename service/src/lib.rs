@@ -17,6 +17,8 @@
 //! - [`signals`]: Ctrl-C and SIGTERM, for the binaries.
 //! - [`filter`]: a source's history over syncs: a tighter estimate, the frequency, steps (pure).
 //! - [`ensemble`]: several sources asked at once, selected and combined.
+//! - [`shm`]: the clock for every process: fient publishes to a shared-memory
+//!   segment, any process reads an interval from it without a system call.
 //! - [`synced`]: [`synced::SyncedClock`], an interval that holds the server's time, kept in sync in the background.
 
 pub mod auth;
@@ -28,6 +30,7 @@ pub mod ntp;
 pub mod nts;
 pub mod rpc;
 pub mod select;
+pub mod shm;
 pub mod signals;
 pub mod source;
 pub mod sync;
