@@ -5,6 +5,8 @@
 //! - [`relay`]: a user-space impairment relay on loopback (delay, jitter,
 //!   loss, duplication, reordering, per direction, from a seed), because
 //!   this kernel has no `netem`.
+//! - [`certs`]: a test CA and server certificates (good, expired, wrong
+//!   name, another CA) for the TLS tests and the lab.
 //!
 //! - [`load`]: a load generator and the UDP echo server it compares with.
 //! - [`peers`]: programs no one here wrote (ntpdig, chronyd, libfaketime,
@@ -14,6 +16,7 @@
 //! benchmark) and `cerv-bench` (the speed benchmark).
 
 pub mod accuracy;
+pub mod certs;
 pub mod harness;
 pub mod load;
 pub mod peers;
