@@ -140,9 +140,10 @@ pub async fn run(
                     .map_err(|e| Failure::new(Exit::NoAnswer, e))?;
             }
             return Err(match e {
-                SyncError::NoAnswer(_) | SyncError::Estimate { .. } | SyncError::Connect { .. } => {
-                    Failure::new(Exit::NoAnswer, e)
-                }
+                SyncError::NoAnswer(_)
+                | SyncError::Estimate { .. }
+                | SyncError::Connect { .. }
+                | SyncError::Tampered { .. } => Failure::new(Exit::NoAnswer, e),
             });
         }
     };
