@@ -5,9 +5,12 @@
 //! fail).
 
 use lab::certs::{ServerCert, TestCerts};
+use lab::tamper::{Rewrite, TamperProxy, Units};
 use lab::{Cerv, Finished, fient, json};
 use service::Nanos;
+use service::source::Wire;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
 
 const TRUTH_NS: i64 = 250_000_000;
@@ -79,7 +82,7 @@ fn tcp_and_tls_measure_the_offset_within_the_bound() {
         "tls",
     );
     // The certificate names the address too.
-    let by_ip = format!("tls://{}", server.stream_addr(service::source::Wire::Tls));
+    let by_ip = format!("tls://{}", server.stream_addr(Wire::Tls));
     assert_synced(&fient(&[&by_ip, "--ca", path(&certs.ca), "--json"]), "tls");
 }
 
@@ -305,15 +308,180 @@ fn the_wrong_wire_for_the_port_says_which_to_use() {
     let certs = TestCerts::generate();
     let server = cerv(&certs.good);
     // Plaintext to the TLS port: the server's TLS alert comes back.
-    let tls = server.stream_addr(service::source::Wire::Tls);
+    let tls = server.stream_addr(Wire::Tls);
     let out = fient(&[&format!("tcp://{tls}")]);
     assert_fails_with(&out, "this is a TLS port (try tls://)");
     // TLS to the plaintext port: the server hangs up on the hello.
-    let tcp = server.stream_addr(service::source::Wire::Tcp);
+    let tcp = server.stream_addr(Wire::Tcp);
     let out = fient(&[
         &format!("tls://localhost:{}", tcp.port()),
         "--ca",
         path(&certs.ca),
     ]);
     assert_fails_with(&out, "not a TLS port");
+}
+
+/// fient through `proxy` (which stands between it and cerv's TLS port),
+/// with a short timeout: a rewrite that swallows bytes costs little.
+fn fient_via(proxy: &TamperProxy, wire: &str, ca: &str) -> Finished {
+    let target = match wire {
+        "tls" => format!("tls://localhost:{}", proxy.addr().port()),
+        _ => format!("tcp://{}", proxy.addr()),
+    };
+    fient(&[&target, "--ca", ca, "--timeout", "300ms", "--json"])
+}
+
+/// An encrypted TLS 1.3 alert record: header (5), alert (2), inner content
+/// type (1), AEAD tag (16). The last record of a session is the server's
+/// close_notify, sent after fient has hung up.
+const ALERT_RECORD: usize = 5 + 2 + 1 + 16;
+
+#[test]
+fn bytes_rewritten_under_tls_give_an_error_never_a_wrong_time() {
+    let certs = TestCerts::generate();
+    let ca = path(&certs.ca);
+    let server = cerv(&certs.good);
+    let tls = server.stream_addr(Wire::Tls);
+
+    // A clean pass: the records the server sends in one sync (the
+    // ServerHello, a ChangeCipherSpec, the encrypted handshake, session
+    // tickets, six replies, and the close_notify after fient has gone).
+    let clean =
+        TamperProxy::start(tls, Units::TlsRecords, Arc::new(|_, _: &mut [u8]| {})).expect("proxy");
+    assert_synced(&fient_via(&clean, "tls", ca), "tls");
+    let sizes = clean.settle(Duration::from_secs(3)).remove(0);
+    drop(clean);
+    let records = sizes.len();
+    let read_by_fient = match sizes.last() {
+        Some(&ALERT_RECORD) => records - 1,
+        _ => records,
+    };
+    assert!(read_by_fient >= 9, "records of {sizes:?} bytes");
+
+    // Each record, altered in its type, its length, its first and its last
+    // byte: in the handshake and after it.
+    let (mut caught, mut stalled) = (0, 0);
+    for record in 0..records {
+        for byte in [0, 4, 5, usize::MAX] {
+            let rewrite: Rewrite = Arc::new(move |i, bytes: &mut [u8]| {
+                if i == record {
+                    let at = byte.min(bytes.len() - 1);
+                    bytes[at] ^= 0x01;
+                }
+            });
+            let proxy = TamperProxy::start(tls, Units::TlsRecords, rewrite).expect("proxy");
+            let out = fient_via(&proxy, "tls", ca);
+            let doc = json(&out.stdout);
+            let at = format!("record {record} of {records}, byte {byte}");
+            // Never a wrong time: an error (exit 1, with its status and
+            // message), or the truth within the bound.
+            match out.code() {
+                Some(1) => {
+                    assert_ne!(doc["status"], "synced", "{at}: {doc}");
+                    assert_one_line(&out.stderr);
+                    eprintln!("{at}: {} ({})", doc["error"], doc["status"]);
+                    caught += 1;
+                }
+                Some(0) => {
+                    let offset = doc["offset_ns"].as_i64().unwrap_or(0);
+                    let bound = doc["error_bound_ns"].as_i64().unwrap_or(0);
+                    assert!(
+                        (offset - TRUTH_NS).abs() <= bound,
+                        "{at}: a wrong time: {doc}"
+                    );
+                    // What may pass unnoticed: the record fient never reads;
+                    // the outer type of a protected record, which TLS 1.3
+                    // fixes (RFC 8446, 5.2) and rustls neither uses nor
+                    // authenticates: it changes nothing; and a length that
+                    // promises a byte more than comes, when nothing follows
+                    // to show it: that answer never completes, as if the
+                    // path had dropped it (which an attacker on it can
+                    // always do), and is counted lost.
+                    let lost = doc["samples_lost"].as_u64().unwrap_or(0);
+                    let stalls = byte == 4 && lost > 0;
+                    assert!(
+                        record >= read_by_fient || (byte == 0 && record >= 2) || stalls,
+                        "{at}: an alteration went unnoticed: {doc}"
+                    );
+                    stalled += usize::from(stalls);
+                    eprintln!("{at}: synced, truth within the bound, {lost} lost");
+                }
+                other => panic!("{at}: exit {other:?}: {}{}", out.stdout, out.stderr),
+            }
+        }
+    }
+    // Every length and content byte fient reads was caught (or stalled
+    // the answer it carried).
+    assert!(
+        caught + stalled >= read_by_fient * 3,
+        "{caught} caught, {stalled} stalled"
+    );
+}
+
+/// One line on stderr, starting with `fient: `.
+fn assert_one_line(stderr: &str) {
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].starts_with("fient: "), "{stderr}");
+}
+
+/// Adds `1 << (7 * byte_index)` or so to every timestamp the server
+/// sends: flips bit 4 of byte `byte_index` of each timestamp varint
+/// (ts2 and ts3 of a probe reply, the time of a now() reply), leaving
+/// ts1, which the client checks, alone.
+fn shift_timestamps(byte_index: usize) -> Rewrite {
+    fn varint_end(b: &[u8], from: usize) -> usize {
+        let mut at = from;
+        while at < b.len() && b[at] & 0x80 != 0 {
+            at += 1;
+        }
+        at + 1
+    }
+    Arc::new(move |_, frame: &mut [u8]| {
+        // length (4) | "cf" version kind (4) | id | variant | fields
+        let after_id = varint_end(frame, 8);
+        let variant = frame.get(after_id).copied();
+        let mut at = after_id + 1;
+        let targets = match variant {
+            // Probe { ts1, ts2, ts3 }: skip ts1.
+            Some(0) => {
+                at = varint_end(frame, at);
+                2
+            }
+            // Now { time }.
+            Some(1) => 1,
+            _ => 0,
+        };
+        for _ in 0..targets {
+            let end = varint_end(frame, at);
+            if at + byte_index < end.saturating_sub(1) {
+                frame[at + byte_index] ^= 0x10;
+            }
+            at = end;
+        }
+    })
+}
+
+#[test]
+fn without_tls_the_same_proxy_moves_the_time() {
+    // The control: the very same attack on plaintext TCP succeeds, so the
+    // TLS test above can fail.
+    let certs = TestCerts::generate();
+    let server = cerv(&certs.good);
+    let tcp = server.stream_addr(Wire::Tcp);
+    // Byte 4 of a 9-byte varint holds bits 28 to 34 of the zigzag value:
+    // bit 4 of it is 2^32 zigzag, 2^31 ns (2.1 s) of time.
+    let proxy = TamperProxy::start(tcp, Units::CervFrames, shift_timestamps(4)).expect("proxy");
+    let out = fient_via(&proxy, "tcp", path(&certs.ca));
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let doc = json(&out.stdout);
+    let offset = doc["offset_ns"].as_i64().expect("offset");
+    let bound = doc["error_bound_ns"].as_i64().expect("bound");
+    let moved = offset - TRUTH_NS;
+    assert!(
+        (moved.abs() - (1 << 31)).abs() < 1_000_000,
+        "moved by {moved} ns: {doc}"
+    );
+    // And the bound, honest about the path, knows nothing of it.
+    assert!(moved.abs() > bound, "{doc}");
 }
