@@ -150,6 +150,44 @@ fn stats(server: &Running, i: usize) -> &TcpStats {
 }
 
 #[tokio::test]
+async fn honest_syncs_leave_nothing_counted_as_failed() {
+    let certs = TestCerts::generate();
+    let server = start(limits(), Some(&certs)).await;
+    let ca = service::tls::client_config(Some(&certs.ca), &[], false).expect("CA");
+    for (i, wire) in [(0, "tcp"), (1, "tls")] {
+        let addr = server.stream_addrs[i];
+        let spec: SourceSpec = format!("{wire}://localhost:{}", addr.port())
+            .parse()
+            .unwrap();
+        let options = SourceOptions {
+            tls: Some(ca.clone()),
+            ..SourceOptions::default()
+        };
+        let source = Source::open(spec, addr, Arc::new(SystemClock), options)
+            .await
+            .expect("source");
+        for _ in 0..3 {
+            source.sync(&SyncOptions::default()).await.expect("sync");
+        }
+        // The server sees each close once the client has gone.
+        wait_until("the connections to end", || {
+            stats(&server, i).replied.get() == 18
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let s = stats(&server, i);
+        assert_eq!((s.accepted.get(), s.requests.get()), (3, 18), "{wire}: {s}");
+        // Nothing else: in particular a TLS client that hangs up without
+        // close_notify between requests is a close, not an I/O failure.
+        assert_eq!(
+            s.to_string(),
+            "connections 3, requests 18, replied 18",
+            "{wire}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn silent_connections_are_closed_after_the_idle_timeout() {
     let server = start(
         TcpConfig {
