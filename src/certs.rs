@@ -1,6 +1,7 @@
 //! Certificates for TLS tests and the lab, generated with `rcgen` into a
 //! temporary directory: a test CA, and server certificates that are good,
-//! expired, for another name, or signed by another CA.
+//! expired, for another name, signed by another CA, or signed by an
+//! impostor (a CA of the test CA's name with another key).
 //!
 //! ```no_run
 //! let certs = lab::certs::TestCerts::generate();
@@ -41,6 +42,9 @@ pub struct TestCerts {
     pub wrong_name: ServerCert,
     /// Valid now, for the right names, but signed by another CA.
     pub other_ca: ServerCert,
+    /// Valid now, for the right names, signed by an impostor: a CA with
+    /// the same name as [`ca`](Self::ca) but another key.
+    pub impostor: ServerCert,
 }
 
 /// The names a good server certificate is for.
@@ -70,6 +74,7 @@ impl TestCerts {
         };
         let (ca_cert, ca) = new_ca("cerv test CA");
         let (_, other) = new_ca("another test CA");
+        let (_, impostor) = new_ca("cerv test CA");
         let ca_path = dir.path().join("ca.pem");
         write(&ca_path, &ca_cert.pem());
 
@@ -101,6 +106,7 @@ impl TestCerts {
             expired: server("expired", &NAMES, true, &ca),
             wrong_name: server("wrong-name", &["elsewhere.example"], false, &ca),
             other_ca: server("other-ca", &NAMES, false, &other),
+            impostor: server("impostor", &NAMES, false, &impostor),
             ca: ca_path,
             dir,
         }

@@ -274,6 +274,12 @@ fn certificates_that_do_not_prove_the_server_are_refused() {
             Some(ca),
             "the server's certificate is signed by an unknown issuer",
         ),
+        // A CA of the same name as the trusted one, with another key.
+        (
+            &certs.impostor,
+            Some(ca),
+            "the server's certificate is not signed by the trusted CA of its issuer's name",
+        ),
         // Without --ca, the system's roots know nothing of the test CA.
         (
             &certs.good,

@@ -210,7 +210,14 @@ pub fn describe(e: &io::Error, host: &str) -> String {
                 "the server's certificate is signed by an unknown issuer (give its CA with --ca)"
                     .into()
             }
-            CertificateError::BadSignature => "the server's certificate has a bad signature".into(),
+            // The issuer named in the certificate is a trusted CA, but its
+            // key did not sign it (or cannot: another key type): a CA of
+            // the same name, not the one that signed it.
+            CertificateError::BadSignature
+            | CertificateError::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => {
+                "the server's certificate is not signed by the trusted CA of its issuer's name (another key; give its CA with --ca)"
+                    .into()
+            }
             CertificateError::Revoked => "the server's certificate has been revoked".into(),
             other => format!("the server's certificate was refused: {other}"),
         },
