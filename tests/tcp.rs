@@ -211,6 +211,9 @@ impl Drop for Silent {
 #[test]
 fn a_server_that_accepts_and_never_answers_times_out_within_the_timeout() {
     let certs = TestCerts::generate();
+    // Build fient first: the first build can take longer than the silent
+    // listener's minute.
+    lab::bin("fient");
     let silent = Silent::start();
     let port = silent.addr.port();
     // TLS: the handshake never completes; the timeout ends it.
