@@ -119,11 +119,8 @@ impl StreamExchanger {
 }
 
 impl Exchanger for StreamExchanger {
-    fn probe(&self, timeout: Duration) -> CallFuture<'_, super::Probe> {
-        Box::pin(async move {
-            let result: Result<Probe, CallError> = self.inner.probe(timeout).await;
-            result.map_err(|e| self.explain(e))
-        })
+    fn probe(&self, timeout: Duration) -> CallFuture<'_, Probe> {
+        Box::pin(async move { self.inner.probe(timeout).await.map_err(|e| self.explain(e)) })
     }
 
     fn now(&self, timeout: Duration) -> CallFuture<'_, NowExchange> {
@@ -170,5 +167,62 @@ fn describe_connect(e: &io::Error) -> String {
         }
         io::ErrorKind::TimedOut => "timed out connecting".into(),
         _ => format!("cannot connect: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framing(prefix: [u8; 4]) -> io::Error {
+        let e = FrameError::Oversized(u32::from_be_bytes(prefix));
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+
+    fn said(e: CallError) -> String {
+        match e {
+            CallError::Failed(why) => why,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_tls_alert_on_a_plaintext_connection_names_the_port() {
+        let alert = framing([0x15, 0x03, 0x03, 0x00]);
+        assert!(said(describe_end(&alert, Wire::Tcp)).contains("this is a TLS port (try tls://)"));
+        let junk = framing([0x7f, 0, 0, 0]);
+        assert!(said(describe_end(&junk, Wire::Tcp)).contains("is this a cerv server?"));
+    }
+
+    #[test]
+    fn a_hang_up_is_said_so() {
+        for kind in [io::ErrorKind::UnexpectedEof, io::ErrorKind::ConnectionReset] {
+            let tcp = said(describe_end(&kind.into(), Wire::Tcp));
+            assert!(
+                tcp.contains("closed the connection without answering"),
+                "{tcp}"
+            );
+            assert!(tcp.contains("try tls://"), "{tcp}");
+            let tls = said(describe_end(&kind.into(), Wire::Tls));
+            assert!(!tls.contains("try tls://"), "{tls}");
+        }
+    }
+
+    #[test]
+    fn a_record_that_fails_its_check_is_tampering() {
+        let bad_mac = io::Error::new(io::ErrorKind::InvalidData, rustls::Error::DecryptError);
+        assert!(matches!(
+            describe_end(&bad_mac, Wire::Tls),
+            CallError::Tampered(why) if why.contains("altered on the way")
+        ));
+        // The server saying goodbye is no tampering.
+        let alert = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::InternalError),
+        );
+        assert!(matches!(
+            describe_end(&alert, Wire::Tls),
+            CallError::Failed(_)
+        ));
     }
 }
