@@ -1,9 +1,12 @@
 //! Measuring accuracy: run the real `fient` against the real `cerv`, whose
-//! clock is skewed by a known amount, through the relay, many times.
+//! clock is skewed by a known amount, through the relay, many times, over
+//! UDP, TCP or TLS ([`measure_wire`]).
 
+use crate::certs::TestCerts;
 use crate::harness::{self, Cerv};
 use crate::relay::Relay;
 use crate::scenario::Scenario;
+use service::source::Wire;
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
@@ -28,6 +31,11 @@ pub struct Run {
     pub lost: u64,
     /// Each probe: (rtt, offset error), nanoseconds.
     pub probes: Vec<(i64, i64)>,
+    /// Time from the start of the sync to its first probe: the connection
+    /// and its TLS handshake on a stream wire, next to nothing on UDP.
+    /// From fient's own clock readings: `elapsed_ns` less the span from
+    /// the first probe's ts1 to the last reply.
+    pub setup_ns: Option<i64>,
     /// Every estimator: (error, bound, contained).
     pub estimates: BTreeMap<String, (i64, i64, bool)>,
     /// stderr, for failures.
@@ -72,8 +80,17 @@ pub fn parse_run(finished: &harness::Finished, truth_ns: i64) -> Run {
                 .collect()
         })
         .unwrap_or_default();
+    let first_ts1 = doc["probes"][0]["ts1"].as_i64();
+    let last = doc["now"]["received"]
+        .as_i64()
+        .or_else(|| doc["probes"].as_array()?.last()?["ts4"].as_i64());
+    let setup_ns = match (doc["elapsed_ns"].as_i64(), first_ts1, last) {
+        (Some(elapsed), Some(first), Some(last)) => Some(elapsed - (last - first)),
+        _ => None,
+    };
     Run {
         synced,
+        setup_ns,
         error_ns: int(&doc, "offset_ns") - truth_ns,
         bound_ns: int(&doc, "error_bound_ns"),
         contained: synced && contained_in(&doc),
@@ -104,24 +121,87 @@ pub fn measure_with(
     fient_args: &[&str],
     cerv_args: &[&str],
 ) -> Vec<Run> {
+    measure_wire(scenario, Wire::Cerv, runs, seed, fient_args, cerv_args)
+}
+
+/// The name the lab gives a wire: `udp` for cerv's datagrams, else its
+/// scheme.
+pub fn wire_name(wire: Wire) -> &'static str {
+    match wire {
+        Wire::Cerv => "udp",
+        other => other.scheme(),
+    }
+}
+
+/// Whether `scenario` means the same on `wire`: a stream relay delays
+/// (with jitter) but cannot lose, duplicate or reorder bytes.
+pub fn fits(scenario: &Scenario, wire: Wire) -> bool {
+    let clean =
+        |d: &crate::relay::Direction| d.loss == 0.0 && d.duplicate == 0.0 && d.reorder == 0.0;
+    !wire.is_stream()
+        || scenario
+            .impairment
+            .is_none_or(|i| clean(&i.to_server) && clean(&i.to_client))
+}
+
+/// Like [`measure_with`], over `wire`: cerv's UDP wire, or TCP, or TLS
+/// (with a test certificate, fient given its CA), each through the relay
+/// of its kind.
+pub fn measure_wire(
+    scenario: &Scenario,
+    wire: Wire,
+    runs: usize,
+    seed: u64,
+    fient_args: &[&str],
+    cerv_args: &[&str],
+) -> Vec<Run> {
     // Every run comes from 127.0.0.1, hundreds a second: no rate limit.
-    let mut args = vec!["--offset", "+250ms", "--rate-limit", "0"];
-    args.extend_from_slice(cerv_args);
+    let mut args: Vec<String> = ["--offset", "+250ms", "--rate-limit", "0"]
+        .map(String::from)
+        .to_vec();
+    let certs = (wire == Wire::Tls).then(TestCerts::generate);
+    match (&certs, wire) {
+        (_, Wire::Tcp) => args.extend(["--tcp-listen".into(), "127.0.0.1:0".into()]),
+        (Some(c), Wire::Tls) => args.extend([
+            "--tls-listen".into(),
+            "127.0.0.1:0".into(),
+            "--tls-cert".into(),
+            c.good.cert.display().to_string(),
+            "--tls-key".into(),
+            c.good.key.display().to_string(),
+        ]),
+        _ => {}
+    }
+    args.extend(cerv_args.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let cerv = Cerv::start(&args);
+    let server = match wire {
+        Wire::Cerv | Wire::Ntp => cerv.addr,
+        stream => cerv.stream_addr(stream),
+    };
     let fient = harness::bin("fient");
     let mut out = Vec::with_capacity(runs);
     for i in 0..runs {
-        let relay = scenario
-            .impairment
-            .map(|imp| Relay::start(cerv.addr, imp, seed.wrapping_add(i as u64)).expect("relay"));
-        let target = relay.as_ref().map_or(cerv.addr, Relay::addr).to_string();
-        let finished = harness::run(
-            Command::new(&fient)
-                .arg(&target)
-                .arg("--json")
-                .args(fient_args),
-            Duration::from_secs(30),
-        );
+        let seed = seed.wrapping_add(i as u64);
+        let relay = scenario.impairment.map(|imp| {
+            if wire.is_stream() {
+                Relay::start_stream(server, imp, seed).expect("relay")
+            } else {
+                Relay::start(server, imp, seed).expect("relay")
+            }
+        });
+        let addr = relay.as_ref().map_or(server, Relay::addr);
+        let target = match wire {
+            Wire::Cerv | Wire::Ntp => addr.to_string(),
+            // The certificate is for localhost and 127.0.0.1.
+            stream => format!("{stream}://{addr}"),
+        };
+        let mut cmd = Command::new(&fient);
+        cmd.arg(&target).arg("--json").args(fient_args);
+        if let Some(c) = &certs {
+            cmd.arg("--ca").arg(&c.ca);
+        }
+        let finished = harness::run(&mut cmd, Duration::from_secs(30));
         out.push(parse_run(&finished, TRUTH_NS));
         drop(relay);
     }
@@ -157,6 +237,10 @@ pub struct Summary {
     pub contained: usize,
     /// Median wall time of the whole fient process.
     pub median_wall: Duration,
+    /// Median round trip of the probes (all probes of synced runs), ns.
+    pub median_rtt_ns: i64,
+    /// Median time from the start of a sync to its first probe, ns.
+    pub median_setup_ns: i64,
     /// Requests lost, over all runs.
     pub lost: u64,
 }
@@ -176,6 +260,11 @@ pub fn summarise(runs: &[Run], estimator: Option<&str>) -> Summary {
     let signed: Vec<i64> = figures.iter().map(|f| f.0).collect();
     let bounds: Vec<i64> = figures.iter().map(|f| f.1).collect();
     let walls: Vec<Duration> = runs.iter().map(|r| r.wall).collect();
+    let synced = || runs.iter().filter(|r| r.synced);
+    let rtts: Vec<i64> = synced()
+        .flat_map(|r| r.probes.iter().map(|p| p.0))
+        .collect();
+    let setups: Vec<i64> = synced().filter_map(|r| r.setup_ns).collect();
     Summary {
         runs: runs.len(),
         synced: runs.iter().filter(|r| r.synced).count(),
@@ -186,6 +275,8 @@ pub fn summarise(runs: &[Run], estimator: Option<&str>) -> Summary {
         median_bound_ns: median(&bounds).unwrap_or(0),
         contained: figures.iter().filter(|f| f.2).count(),
         median_wall: median(&walls).unwrap_or_default(),
+        median_rtt_ns: median(&rtts).unwrap_or(0),
+        median_setup_ns: median(&setups).unwrap_or(0),
         lost: runs.iter().map(|r| r.lost).sum(),
     }
 }

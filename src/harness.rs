@@ -4,10 +4,12 @@
 //! - [`bin`] finds a binary of the workspace, building it first (once per
 //!   process), so a plain `cargo test` never runs a stale one.
 //! - [`Cerv`] starts a server on a free loopback port, reads the port back
-//!   from its `listening on` log line, and kills it by PID when dropped.
+//!   from its `listening on` log line (and its NTP, TCP and TLS addresses
+//!   from the lines before), and kills it by PID when dropped.
 //! - [`run`] runs a command with a time limit and collects its output;
 //!   [`fient`] is that for the client.
 
+use service::source::Wire;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,19 +41,24 @@ pub fn bin(name: &str) -> PathBuf {
         };
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        // cargo gives a test the variables of its package (CARGO_PKG_NAME,
-        // CARGO_MANIFEST_DIR, ...). Some build scripts (ring's) watch those
-        // very names, so a nested build that inherits them looks changed and
-        // recompiles them every time: build as from a plain shell.
+        // The variables cargo sets for this test binary describe the `lab`
+        // package, not the build: build scripts that track them (ring's
+        // does, CARGO_MANIFEST_DIR and CARGO_PKG_*) would see them change
+        // between this build and the `cargo test` around it, and rebuild
+        // ring and everything above it twice per test binary.
         for (name, _) in std::env::vars_os() {
             let name = name.to_string_lossy();
             if name.starts_with("CARGO_PKG_")
                 || name.starts_with("CARGO_MANIFEST_")
                 || name.starts_with("CARGO_BIN_")
-                || name.starts_with("CARGO_CRATE_")
-                || name.starts_with("CARGO_PRIMARY_")
-                || name.starts_with("CARGO_TARGET_TMPDIR")
-                || name.starts_with("CARGO_RUSTC_CURRENT_DIR")
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                    "OUT_DIR",
+                ]
+                .contains(&&*name)
             {
                 build.env_remove(&*name);
             }
@@ -142,6 +149,9 @@ pub struct Cerv {
     pub addr: SocketAddr,
     /// The addresses it answers NTP on (`--ntp-listen`), in order.
     pub ntp_addrs: Vec<SocketAddr>,
+    /// The addresses it serves over TCP (`--tcp-listen`) and TLS
+    /// (`--tls-listen`), with their wire, in the order it logged them.
+    pub stream_addrs: Vec<(Wire, SocketAddr)>,
     log: Arc<Mutex<String>>,
     log_reader: Option<thread::JoinHandle<()>>,
 }
@@ -172,6 +182,7 @@ impl Cerv {
             thread::spawn(move || {
                 let mut ready = Some(ready_tx);
                 let mut ntp = Vec::new();
+                let mut streams = Vec::new();
                 let addr_after = |line: &str, marker: &str| {
                     line.split(marker)
                         .nth(1)
@@ -179,14 +190,21 @@ impl Cerv {
                         .and_then(|a| a.parse::<SocketAddr>().ok())
                 };
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    // cerv logs its NTP addresses before "listening on".
+                    // cerv logs its NTP, TCP and TLS addresses before
+                    // "listening on".
                     if let Some(addr) = addr_after(&line, "answering NTP on ") {
                         ntp.push(addr);
+                    }
+                    for wire in [Wire::Tcp, Wire::Tls] {
+                        if let Some(addr) = addr_after(&line, &format!("serving {wire} on ")) {
+                            streams.push((wire, addr));
+                        }
                     }
                     if let Some(addr) = addr_after(&line, "listening on ")
                         && let Some(tx) = ready.take()
                     {
-                        let _ = tx.send((addr, std::mem::take(&mut ntp)));
+                        let _ =
+                            tx.send((addr, std::mem::take(&mut ntp), std::mem::take(&mut streams)));
                     }
                     if let Ok(mut l) = log.lock() {
                         l.push_str(&line);
@@ -195,7 +213,7 @@ impl Cerv {
                 }
             })
         };
-        let (addr, ntp_addrs) = match ready_rx.recv_timeout(Duration::from_secs(10)) {
+        let (addr, ntp_addrs, stream_addrs) = match ready_rx.recv_timeout(Duration::from_secs(10)) {
             Ok(addrs) => addrs,
             Err(_) => {
                 let _ = child.kill();
@@ -211,6 +229,7 @@ impl Cerv {
             child,
             addr,
             ntp_addrs,
+            stream_addrs,
             log,
             log_reader: Some(log_reader),
         }
@@ -228,6 +247,27 @@ impl Cerv {
             "ntp://{}",
             self.ntp_addrs.first().expect("cerv has no --ntp-listen")
         )
+    }
+
+    /// The first address it serves `wire` (TCP or TLS) on.
+    pub fn stream_addr(&self, wire: Wire) -> SocketAddr {
+        self.stream_addrs
+            .iter()
+            .find(|(w, _)| *w == wire)
+            .map(|&(_, a)| a)
+            .unwrap_or_else(|| panic!("cerv has no --{wire}-listen"))
+    }
+
+    /// The first TCP address as `tcp://127.0.0.1:PORT`, for fient's
+    /// command line.
+    pub fn tcp_target(&self) -> String {
+        format!("tcp://{}", self.stream_addr(Wire::Tcp))
+    }
+
+    /// The first TLS address as `tls://localhost:PORT` (the name its
+    /// certificate is checked against), for fient's command line.
+    pub fn tls_target(&self) -> String {
+        format!("tls://localhost:{}", self.stream_addr(Wire::Tls).port())
     }
 
     /// The process id.

@@ -5,6 +5,10 @@
 //! - [`relay`]: a user-space impairment relay on loopback (delay, jitter,
 //!   loss, duplication, reordering, per direction, from a seed), because
 //!   this kernel has no `netem`.
+//! - [`tamper`]: a TCP proxy that rewrites bytes of the server's TLS
+//!   records or cerv frames: the attacker on the path.
+//! - [`certs`]: a test CA and server certificates (good, expired, wrong
+//!   name, another CA) for the TLS tests and the lab.
 //!
 //! - [`load`]: a load generator and the UDP echo server it compares with.
 //! - [`peers`]: programs no one here wrote (ntpdig, chronyd, libfaketime,
@@ -14,11 +18,13 @@
 //! benchmark) and `cerv-bench` (the speed benchmark).
 
 pub mod accuracy;
+pub mod certs;
 pub mod harness;
 pub mod load;
 pub mod peers;
 pub mod plot;
 pub mod relay;
 pub mod scenario;
+pub mod tamper;
 
 pub use harness::{Cerv, Finished, bin, fient, json, run, without_clock_privilege};

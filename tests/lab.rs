@@ -6,6 +6,7 @@ use lab::accuracy::{self, Run};
 use lab::relay::{Direction, Impairment, Relay};
 use lab::scenario;
 use lab::{Cerv, fient, json};
+use service::source::Wire;
 use std::time::Duration;
 
 const RUNS: usize = 3;
@@ -92,4 +93,47 @@ fn every_datagram_lost_is_a_clean_failure() {
     assert_eq!(out.code(), Some(1), "{}", out.stderr);
     assert_eq!(json(&out.stdout)["status"], "no_answer");
     assert!(out.elapsed < Duration::from_secs(3));
+}
+
+#[test]
+fn tcp_and_tls_through_the_stream_relay_stay_honest() {
+    for wire in [Wire::Tcp, Wire::Tls] {
+        for name in ["sym", "asym"] {
+            let s = scenario::named(name).expect("scenario");
+            let runs = accuracy::measure_wire(&s, wire, 2, 7, &[], &[]);
+            let label = format!("{name} over {wire}");
+            assert_honest(&label, &runs);
+            for r in &runs {
+                // The relay's delay is in every probe (at least 1.8 ms
+                // both ways); the connection and its handshake came before
+                // the first (the lab's table compares their sizes).
+                for &(rtt, _) in &r.probes {
+                    assert!(rtt > 1_700_000, "{label}: a probe of {rtt} ns: {}", r.raw);
+                }
+                assert!(r.setup_ns.is_some(), "{label}: {}", r.raw);
+            }
+            if name == "asym" {
+                for r in &runs {
+                    assert!(
+                        (r.error_ns - 1_250_000).abs() < 300_000,
+                        "{label}: {}",
+                        r.raw
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn stream_wires_refuse_scenarios_they_cannot_have() {
+    for name in ["lossy", "dup"] {
+        let s = scenario::named(name).expect("scenario");
+        assert!(accuracy::fits(&s, Wire::Cerv));
+        assert!(!accuracy::fits(&s, Wire::Tcp), "{name}");
+    }
+    for name in ["lan", "sym", "asym", "jitter"] {
+        let s = scenario::named(name).expect("scenario");
+        assert!(accuracy::fits(&s, Wire::Tls), "{name}");
+    }
 }

@@ -55,8 +55,10 @@ fn report(failure: Failure) -> Exit {
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,tarpc=error"));
+    // rustls warns of every bad record on its own; fient says what failed
+    // in one line (RUST_LOG=rustls=debug shows rustls's view).
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("warn,tarpc=error,rustls=off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -367,7 +367,8 @@ fn write_json(
 }
 
 /// The `status` of a failed sync: `no_answer`, `connect_failed`,
-/// `rate_limited`, `denied`, `unsynchronized` or `inconsistent`.
+/// `tampered`, `rate_limited`, `denied`, `unsynchronized` or
+/// `inconsistent`.
 pub fn failure_status(error: &SyncError) -> &'static str {
     match (error, error.kiss()) {
         (_, Some(k)) if k.stops() => "denied",
@@ -375,6 +376,7 @@ pub fn failure_status(error: &SyncError) -> &'static str {
         (SyncError::NoAnswer(_), None) if error.unsynchronized() => "unsynchronized",
         (SyncError::NoAnswer(_), None) => "no_answer",
         (SyncError::Connect { .. }, None) => "connect_failed",
+        (SyncError::Tampered { .. }, None) => "tampered",
         (SyncError::Estimate { .. }, None) => "inconsistent",
     }
 }

@@ -91,6 +91,8 @@ pub enum Status {
     Unsynchronized,
     /// The connection (or its TLS handshake) failed.
     ConnectFailed,
+    /// The connection showed its bytes were altered: nothing from it used.
+    Tampered,
     /// Answered with exchanges that contradict each other.
     Inconsistent,
 }
@@ -108,6 +110,7 @@ impl Status {
             Status::Denied => "denied",
             Status::Unsynchronized => "unsynchronized",
             Status::ConnectFailed => "connect_failed",
+            Status::Tampered => "tampered",
             Status::Inconsistent => "inconsistent",
         }
     }
@@ -125,6 +128,7 @@ impl Status {
             (_, Some(k)) if k.stops() => Status::Denied,
             (_, Some(_)) => Status::RateLimited,
             (SyncError::Connect { .. }, None) => Status::ConnectFailed,
+            (SyncError::Tampered { .. }, None) => Status::Tampered,
             (SyncError::Estimate { .. }, None) => Status::Inconsistent,
             (SyncError::NoAnswer(_), None) if e.unsynchronized() => Status::Unsynchronized,
             (SyncError::NoAnswer(_), None) => Status::NoAnswer,

@@ -144,15 +144,36 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
         .map_err(|_| format!("'{host}' is not a valid TLS server name"))
 }
 
-/// What went wrong in a client's handshake (or later), in words.
+/// A certificate time (`notAfter`, say), as RFC 3339.
+fn cert_time(t: rustls::pki_types::UnixTime) -> String {
+    let secs = i64::try_from(t.as_secs()).unwrap_or(i64::MAX);
+    jiff::Timestamp::from_second(secs)
+        .map_or_else(|_| format!("{secs} s after 1970"), |t| t.to_string())
+}
+
+/// The names a certificate was presented for, quoted: `'a', 'b'`.
+/// webpki writes them as `DnsName("a")` and `IpAddress(192.0.2.1)`.
+fn quoted(names: &[String]) -> String {
+    let plain = |n: &str| -> String {
+        for (prefix, suffix) in [("DnsName(\"", "\")"), ("IpAddress(", ")")] {
+            if let Some(inner) = n.strip_prefix(prefix).and_then(|r| r.strip_suffix(suffix)) {
+                return inner.to_string();
+            }
+        }
+        n.to_string()
+    };
+    let quoted: Vec<String> = names.iter().map(|n| format!("'{}'", plain(n))).collect();
+    quoted.join(", ")
+}
+
+/// What went wrong in a client's handshake, in words a person can act on.
 pub fn describe(e: &io::Error, host: &str) -> String {
-    let inner = e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
-    let Some(err) = inner else {
+    let Some(err) = rustls_error(e) else {
         return match e.kind() {
-            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => {
-                "the server closed the connection during the TLS handshake (is it a TLS port?)"
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe => {
+                "the server closed the connection during the TLS handshake: not a TLS port (try tcp://), or a server at its connection limit"
                     .into()
             }
             _ => e.to_string(),
@@ -161,11 +182,26 @@ pub fn describe(e: &io::Error, host: &str) -> String {
     use rustls::Error as E;
     match err {
         E::InvalidCertificate(cert) => match cert {
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-                "the server's certificate has expired".into()
+            CertificateError::ExpiredContext { not_after, .. } => format!(
+                "the server's certificate expired at {} (or this machine's clock is far ahead)",
+                cert_time(*not_after)
+            ),
+            CertificateError::Expired => {
+                "the server's certificate has expired (or this machine's clock is far ahead)".into()
             }
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-                "the server's certificate is not valid yet (is this clock far behind?)".into()
+            CertificateError::NotValidYetContext { not_before, .. } => format!(
+                "the server's certificate is not valid before {} (or this machine's clock is far behind)",
+                cert_time(*not_before)
+            ),
+            CertificateError::NotValidYet => {
+                "the server's certificate is not valid yet (or this machine's clock is far behind)"
+                    .into()
+            }
+            CertificateError::NotValidForNameContext { presented, .. } if !presented.is_empty() => {
+                format!(
+                    "the server's certificate is for {}, not '{host}'",
+                    quoted(presented)
+                )
             }
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
                 format!("the server's certificate is not valid for the name '{host}'")
@@ -174,18 +210,86 @@ pub fn describe(e: &io::Error, host: &str) -> String {
                 "the server's certificate is signed by an unknown issuer (give its CA with --ca)"
                     .into()
             }
-            CertificateError::BadSignature => "the server's certificate has a bad signature".into(),
+            // The issuer named in the certificate is a trusted CA, but its
+            // key did not sign it (or cannot: another key type): a CA of
+            // the same name, not the one that signed it.
+            CertificateError::BadSignature
+            | CertificateError::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => {
+                "the server's certificate is not signed by the trusted CA of its issuer's name (another key; give its CA with --ca)"
+                    .into()
+            }
             CertificateError::Revoked => "the server's certificate has been revoked".into(),
-            other => format!("the server's certificate was refused: {other:?}"),
+            other => format!("the server's certificate was refused: {other}"),
         },
-        E::InvalidMessage(_) | E::InappropriateMessage { .. } | E::DecryptError => {
-            "the server does not speak TLS here (a plaintext port?), or the bytes were altered"
+        E::InvalidMessage(_) | E::InappropriateMessage { .. } | E::InappropriateHandshakeMessage { .. } => {
+            "the server does not speak TLS here (a plaintext port?), or the bytes were altered on the way"
                 .into()
+        }
+        E::DecryptError | E::PeerMisbehaved(_) => {
+            "the handshake failed its integrity check: the bytes were altered on the way".into()
         }
         E::AlertReceived(alert) => format!("the server refused the handshake ({alert:?})"),
         E::NoApplicationProtocol => {
             "the server does not offer the protocol asked for (ALPN)".into()
         }
         other => format!("TLS failed: {other}"),
+    }
+}
+
+/// The rustls error inside an I/O error from tokio-rustls, if it is one.
+fn rustls_error(e: &io::Error) -> Option<&rustls::Error> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
+
+/// What ended an established TLS session, in words, and whether it shows
+/// that the bytes were altered on the way (a record that fails its
+/// integrity check, or one the protocol does not allow): then nothing
+/// from the session should be trusted. `None` if `e` is no TLS error.
+pub fn describe_session(e: &io::Error) -> Option<(String, bool)> {
+    use rustls::Error as E;
+    Some(match rustls_error(e)? {
+        E::DecryptError => (
+            "a TLS record failed its integrity check: the bytes were altered on the way".into(),
+            true,
+        ),
+        E::InvalidMessage(_)
+        | E::InappropriateMessage { .. }
+        | E::InappropriateHandshakeMessage { .. }
+        | E::PeerMisbehaved(_) => (
+            "the server's TLS records are malformed: the bytes were altered on the way".into(),
+            true,
+        ),
+        E::AlertReceived(alert) => (
+            format!("the server ended the TLS session ({alert:?})"),
+            false,
+        ),
+        other => (format!("the TLS session failed: {other}"), false),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presented_names_are_shown_as_written() {
+        let names = [
+            "DnsName(\"elsewhere.example\")".to_string(),
+            "IpAddress(192.0.2.1)".to_string(),
+            "UniformResourceIdentifier(\"https://example.com\")".to_string(),
+        ];
+        assert_eq!(
+            quoted(&names),
+            "'elsewhere.example', '192.0.2.1', 'UniformResourceIdentifier(\"https://example.com\")'"
+        );
+    }
+
+    #[test]
+    fn certificate_times_are_rfc3339() {
+        let t = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            1_609_459_200,
+        ));
+        assert_eq!(cert_time(t), "2021-01-01T00:00:00Z");
     }
 }

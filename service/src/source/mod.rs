@@ -167,6 +167,9 @@ pub enum CallError {
     },
     /// The local end failed (the socket, the connection).
     Failed(String),
+    /// The connection shows that its bytes were altered on the way (a TLS
+    /// record failed its integrity check): nothing from it is trusted.
+    Tampered(String),
 }
 
 /// A boxed call of an [`Exchanger`].
@@ -268,6 +271,15 @@ pub enum SyncError {
         /// What failed, in words.
         reason: String,
     },
+    /// The connection's bytes were altered on the way (TLS saw it): the
+    /// samples it carried, however many, are not used.
+    #[error("{source_name}: {reason}; nothing from this connection was used")]
+    Tampered {
+        /// The source, as reports name it.
+        source_name: String,
+        /// What showed it, in words.
+        reason: String,
+    },
     /// Answers came, but no estimate could be made from them.
     #[error("cannot estimate the offset from {server}: {source}")]
     Estimate {
@@ -284,7 +296,9 @@ impl SyncError {
     pub fn kiss(&self) -> Option<Kiss> {
         match self {
             SyncError::NoAnswer(n) => n.kiss,
-            SyncError::Estimate { .. } | SyncError::Connect { .. } => None,
+            SyncError::Estimate { .. } | SyncError::Connect { .. } | SyncError::Tampered { .. } => {
+                None
+            }
         }
     }
 
@@ -337,15 +351,13 @@ impl fmt::Display for NoAnswer {
         };
         write!(
             f,
-            "no answer from {name} ({} requests in {:.1}s)",
+            "no answer from {name} ({} request{} in {:.1}s)",
             self.sent,
+            if self.sent == 1 { "" } else { "s" },
             self.elapsed.as_secs_f64()
         )?;
         let hint = if let Some(why) = &self.transport_failed {
-            match self.wire {
-                Wire::Tcp => format!("{why} (is it a TLS port? try tls://)"),
-                _ => why.clone(),
-            }
+            why.clone()
         } else if let Some(kiss) = self.kiss {
             kiss.to_string()
         } else if let Some((leap, stratum)) = self.unsynchronized {
@@ -626,11 +638,16 @@ impl Source {
         let mut server_errors = 0u64;
         let mut unanswered_run = 0u32;
         let mut transport_failed = None;
+        let mut tampered = None;
         let mut kiss = self.stopped_by();
         let mut unsynchronized = None;
 
         for _ in 0..options.probes {
-            if kiss.is_some() || unsynchronized.is_some() || transport_failed.is_some() {
+            if kiss.is_some()
+                || unsynchronized.is_some()
+                || transport_failed.is_some()
+                || tampered.is_some()
+            {
                 break;
             }
             let interval = Self::retry_interval(options, &samples);
@@ -664,6 +681,7 @@ impl Source {
                         unsynchronized = Some((leap, stratum));
                     }
                     CallError::Failed(why) => transport_failed = Some(why),
+                    CallError::Tampered(why) => tampered = Some(why),
                     CallError::Lost => {}
                 },
                 CallOutcome::Lost => {}
@@ -679,6 +697,7 @@ impl Source {
         let mut now = None;
         if !samples.is_empty()
             && transport_failed.is_none()
+            && tampered.is_none()
             && kiss.is_none()
             && unsynchronized.is_none()
         {
@@ -692,8 +711,16 @@ impl Source {
             match outcome {
                 CallOutcome::Answered(exchange) => now = Some(exchange),
                 CallOutcome::Refused(CallError::Rejected(_)) => rejected += 1,
+                CallOutcome::Refused(CallError::Tampered(why)) => tampered = Some(why),
                 _ => {}
             }
+        }
+
+        if let Some(reason) = tampered {
+            return Err(SyncError::Tampered {
+                source_name: self.name(),
+                reason,
+            });
         }
 
         if samples.is_empty() {

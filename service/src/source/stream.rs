@@ -4,11 +4,12 @@
 //! first probe, so no probe ever times a handshake; closed after the sync.
 
 use super::cerv::CervExchanger;
-use super::{SourceOptions, Wire};
+use super::{CallError, CallFuture, Exchanger, Probe, SourceOptions, Wire};
 use crate::clock::Clock;
+use crate::sync::NowExchange;
 use crate::tls;
 use crate::transport::client::ClientStats;
-use crate::transport::stream::{FramedIo, StampedTcp};
+use crate::transport::stream::{EndCell, FrameError, FramedIo, MAX_FRAME, StampedTcp};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,7 +57,7 @@ impl StreamLink {
 
     /// Connects (and shakes hands), each step within `timeout`; the error
     /// says in words what failed.
-    pub(super) async fn connect(&self, timeout: Duration) -> Result<CervExchanger, String> {
+    pub(super) async fn connect(&self, timeout: Duration) -> Result<StreamExchanger, String> {
         let tcp = match tokio::time::timeout(timeout, TcpStream::connect(self.addr)).await {
             Err(_) => return Err(format!("timed out connecting (after {timeout:?})")),
             Ok(Err(e)) => return Err(describe_connect(&e)),
@@ -66,12 +67,15 @@ impl StreamLink {
         let stamp = stamped.stamp();
         let key = self.options.key.clone();
         match &self.tls {
-            None => Ok(CervExchanger::over(
-                FramedIo::new(stamped, stamp),
-                self.clock.clone(),
-                key,
-                self.stats.clone(),
-            )),
+            None => {
+                let io = FramedIo::new(stamped, stamp);
+                let ended = io.ended();
+                Ok(StreamExchanger {
+                    inner: CervExchanger::over(io, self.clock.clone(), key, self.stats.clone()),
+                    ended,
+                    wire: Wire::Tcp,
+                })
+            }
             Some(connector) => {
                 let name = tls::server_name(&self.host)?;
                 let tls =
@@ -82,15 +86,77 @@ impl StreamLink {
                         Ok(Err(e)) => return Err(tls::describe(&e, &self.host)),
                         Ok(Ok(tls)) => tls,
                     };
-                Ok(CervExchanger::over(
-                    FramedIo::new(tls, stamp),
-                    self.clock.clone(),
-                    key,
-                    self.stats.clone(),
-                ))
+                let io = FramedIo::new(tls, stamp);
+                let ended = io.ended();
+                Ok(StreamExchanger {
+                    inner: CervExchanger::over(io, self.clock.clone(), key, self.stats.clone()),
+                    ended,
+                    wire: Wire::Tls,
+                })
             }
         }
     }
+}
+
+/// cerv's exchanger on one connection, which explains a call that failed
+/// with the connection by what ended it.
+pub(super) struct StreamExchanger {
+    inner: CervExchanger,
+    ended: EndCell,
+    wire: Wire,
+}
+
+impl StreamExchanger {
+    /// A call that failed because the connection ended, said in words.
+    fn explain(&self, e: CallError) -> CallError {
+        let CallError::Failed(fallback) = e else {
+            return e;
+        };
+        self.ended
+            .with(|end| describe_end(end, self.wire))
+            .unwrap_or(CallError::Failed(fallback))
+    }
+}
+
+impl Exchanger for StreamExchanger {
+    fn probe(&self, timeout: Duration) -> CallFuture<'_, Probe> {
+        Box::pin(async move { self.inner.probe(timeout).await.map_err(|e| self.explain(e)) })
+    }
+
+    fn now(&self, timeout: Duration) -> CallFuture<'_, NowExchange> {
+        Box::pin(async move { self.inner.now(timeout).await.map_err(|e| self.explain(e)) })
+    }
+}
+
+/// What ended a connection, as the call that failed with it reports it.
+fn describe_end(e: &io::Error, wire: Wire) -> CallError {
+    if let Some((why, altered)) = tls::describe_session(e) {
+        return if altered {
+            CallError::Tampered(why)
+        } else {
+            CallError::Failed(why)
+        };
+    }
+    let frame = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<FrameError>());
+    CallError::Failed(match (frame, wire) {
+        (Some(f), Wire::Tcp) if f.looks_like_tls() => {
+            "the server answered in TLS: this is a TLS port (try tls://)".into()
+        }
+        (Some(FrameError::Oversized(n)), _) => format!(
+            "the server announced a frame of {n} bytes (at most {MAX_FRAME}): is this a cerv server?"
+        ),
+        (None, _) => match e.kind() {
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe => match wire {
+                Wire::Tcp => "the server closed the connection without answering (a TLS port? try tls://; or a server at its connection limit)".into(),
+                _ => "the server closed the connection without answering".into(),
+            },
+            _ => format!("the connection failed: {e}"),
+        },
+    })
 }
 
 fn describe_connect(e: &io::Error) -> String {
@@ -101,5 +167,62 @@ fn describe_connect(e: &io::Error) -> String {
         }
         io::ErrorKind::TimedOut => "timed out connecting".into(),
         _ => format!("cannot connect: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framing(prefix: [u8; 4]) -> io::Error {
+        let e = FrameError::Oversized(u32::from_be_bytes(prefix));
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+
+    fn said(e: CallError) -> String {
+        match e {
+            CallError::Failed(why) => why,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_tls_alert_on_a_plaintext_connection_names_the_port() {
+        let alert = framing([0x15, 0x03, 0x03, 0x00]);
+        assert!(said(describe_end(&alert, Wire::Tcp)).contains("this is a TLS port (try tls://)"));
+        let junk = framing([0x7f, 0, 0, 0]);
+        assert!(said(describe_end(&junk, Wire::Tcp)).contains("is this a cerv server?"));
+    }
+
+    #[test]
+    fn a_hang_up_is_said_so() {
+        for kind in [io::ErrorKind::UnexpectedEof, io::ErrorKind::ConnectionReset] {
+            let tcp = said(describe_end(&kind.into(), Wire::Tcp));
+            assert!(
+                tcp.contains("closed the connection without answering"),
+                "{tcp}"
+            );
+            assert!(tcp.contains("try tls://"), "{tcp}");
+            let tls = said(describe_end(&kind.into(), Wire::Tls));
+            assert!(!tls.contains("try tls://"), "{tls}");
+        }
+    }
+
+    #[test]
+    fn a_record_that_fails_its_check_is_tampering() {
+        let bad_mac = io::Error::new(io::ErrorKind::InvalidData, rustls::Error::DecryptError);
+        assert!(matches!(
+            describe_end(&bad_mac, Wire::Tls),
+            CallError::Tampered(why) if why.contains("altered on the way")
+        ));
+        // The server saying goodbye is no tampering.
+        let alert = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::InternalError),
+        );
+        assert!(matches!(
+            describe_end(&alert, Wire::Tls),
+            CallError::Failed(_)
+        ));
     }
 }

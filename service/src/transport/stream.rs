@@ -25,8 +25,8 @@ use crate::time::Timestamp;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
@@ -100,6 +100,17 @@ impl Framer {
     }
 }
 
+impl FrameError {
+    /// Whether the "length prefix" is in fact the header of a TLS record
+    /// (an alert or a handshake, TLS 1.0 to 1.3): a TLS peer answering a
+    /// plaintext one.
+    pub fn looks_like_tls(&self) -> bool {
+        let FrameError::Oversized(prefix) = *self;
+        let [kind, major, minor, _] = prefix.to_be_bytes();
+        (0x14..=0x17).contains(&kind) && major == 3 && minor <= 4
+    }
+}
+
 /// Writes `message` as a frame into `out`; returns its length.
 pub fn frame(message: &[u8], out: &mut Vec<u8>) -> usize {
     out.clear();
@@ -126,6 +137,32 @@ impl StampCell {
             0 => None,
             n => Some(Timestamp::from_nanos(n)),
         }
+    }
+}
+
+/// Why a connection ended: the first error its reads or writes met (the
+/// end of the stream included), kept for whoever explains the calls that
+/// failed because of it (the transport above only sees the connection
+/// close).
+#[derive(Clone, Debug, Default)]
+pub struct EndCell(Arc<Mutex<Option<io::Error>>>);
+
+impl EndCell {
+    /// Keeps `e` if it is the first; returns a stand-in of the same kind
+    /// and message for the caller.
+    fn record(&self, e: io::Error) -> io::Error {
+        let copy = io::Error::new(e.kind(), e.to_string());
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        copy
+    }
+
+    /// Applies `f` to the error that ended the connection, if one did.
+    pub fn with<T>(&self, f: impl FnOnce(&io::Error) -> T) -> Option<T> {
+        let slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref().map(f)
     }
 }
 
@@ -217,6 +254,7 @@ impl AsyncWrite for StampedTcp {
 pub struct FramedIo<S> {
     stream: S,
     stamp: StampCell,
+    ended: EndCell,
     framer: Framer,
     /// The frame being written, and how much of it is out.
     out: Vec<u8>,
@@ -230,16 +268,32 @@ impl<S> FramedIo<S> {
         FramedIo {
             stream,
             stamp,
+            ended: EndCell::default(),
             framer: Framer::default(),
             out: Vec::with_capacity(PREFIX + MAX_FRAME),
             written: 0,
             read_buf: Box::new([0; PREFIX + MAX_FRAME]),
         }
     }
+
+    /// Where the error that ends the connection will be kept.
+    pub fn ended(&self) -> EndCell {
+        self.ended.clone()
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> MessageIo for FramedIo<S> {
     fn poll_send(&mut self, cx: &mut Context<'_>, message: &[u8]) -> Poll<io::Result<()>> {
+        self.send(cx, message).map_err(|e| self.ended.record(e))
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Arrival>> {
+        self.recv(cx, buf).map_err(|e| self.ended.record(e))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> FramedIo<S> {
+    fn send(&mut self, cx: &mut Context<'_>, message: &[u8]) -> Poll<io::Result<()>> {
         if self.written == 0 {
             frame(message, &mut self.out);
         }
@@ -257,7 +311,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> MessageIo for FramedIo<
         Poll::Ready(Ok(()))
     }
 
-    fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Arrival>> {
+    fn recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Arrival>> {
         loop {
             let want = self.framer.wanted();
             let mut read = ReadBuf::new(&mut self.read_buf[..want]);
@@ -375,6 +429,18 @@ mod tests {
         let mut framer = Framer::default();
         let just_over = ((MAX_FRAME + 1) as u32).to_be_bytes();
         assert!(framer.push(&just_over).is_err());
+    }
+
+    #[test]
+    fn a_tls_record_header_is_told_from_a_long_frame() {
+        // A TLS 1.2 record carrying an alert, as rustls answers garbage.
+        let alert = FrameError::Oversized(u32::from_be_bytes([0x15, 0x03, 0x03, 0x00]));
+        assert!(alert.looks_like_tls());
+        // A ClientHello record (TLS 1.0 in the record layer).
+        let hello = FrameError::Oversized(u32::from_be_bytes([0x16, 0x03, 0x01, 0x02]));
+        assert!(hello.looks_like_tls());
+        assert!(!FrameError::Oversized(u32::MAX).looks_like_tls());
+        assert!(!FrameError::Oversized(MAX_FRAME as u32 + 1).looks_like_tls());
     }
 
     proptest! {

@@ -573,10 +573,15 @@ async fn read_frame<S: AsyncRead + Unpin>(
 ) -> Result<Vec<u8>, ReadEnd> {
     loop {
         let want = framer.wanted().min(buf.len());
-        let n = stream
-            .read(&mut buf[..want])
-            .await
-            .map_err(ReadEnd::Failed)?;
+        let n = match stream.read(&mut buf[..want]).await {
+            Ok(n) => n,
+            // A TLS client that hangs up without close_notify (fient
+            // does: it exits once it has its answer) ends its session
+            // between frames: a close, not a failure. Within a frame it
+            // is a truncation.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && framer.is_empty() => 0,
+            Err(e) => return Err(ReadEnd::Failed(e)),
+        };
         if n == 0 {
             return Err(ReadEnd::Closed);
         }
