@@ -200,6 +200,10 @@ impl Cerv {
                             streams.push((wire, addr));
                         }
                     }
+                    // The NTS key exchange: where nts:// sources point.
+                    if let Some(addr) = addr_after(&line, "serving nts-ke on ") {
+                        streams.push((Wire::Nts, addr));
+                    }
                     if let Some(addr) = addr_after(&line, "listening on ")
                         && let Some(tx) = ready.take()
                     {
@@ -262,6 +266,12 @@ impl Cerv {
     /// command line.
     pub fn tcp_target(&self) -> String {
         format!("tcp://{}", self.stream_addr(Wire::Tcp))
+    }
+
+    /// The first NTS key-exchange address as `nts://localhost:PORT` (the
+    /// name its certificate is checked against), for fient's command line.
+    pub fn nts_target(&self) -> String {
+        format!("nts://localhost:{}", self.stream_addr(Wire::Nts).port())
     }
 
     /// The first TLS address as `tls://localhost:PORT` (the name its

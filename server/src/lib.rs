@@ -107,9 +107,11 @@ pub struct Config {
     /// cookies, so a client's cookies outlive two rotations).
     pub nts_key_rotation: Duration,
     /// The NTP server the key exchange names (by default none: clients
-    /// use the key exchange's host) and its port (by default the first
-    /// NTP socket's, when it is not 123).
+    /// use the key exchange's host).
     pub nts_ntp_server: Option<String>,
+    /// The NTP port it names (by default the first NTP socket's, when it
+    /// is not 123): another when a port mapping or a proxy stands between.
+    pub nts_ntp_port: Option<u16>,
 }
 
 /// How requests reach the handlers.
@@ -157,6 +159,7 @@ impl Default for Config {
             nts_tls: None,
             nts_key_rotation: Duration::from_secs(86_400),
             nts_ntp_server: None,
+            nts_ntp_port: None,
         }
     }
 }
@@ -210,8 +213,11 @@ pub struct Running {
     pub ntp_addrs: Vec<SocketAddr>,
     /// The addresses it serves over TCP, then TLS, in the order configured.
     pub stream_addrs: Vec<SocketAddr>,
+    /// The addresses of its NTS key exchange.
+    pub nts_ke_addrs: Vec<SocketAddr>,
     ntp_stats: Vec<Arc<ServerStats>>,
     stream_stats: Vec<Arc<TcpStats>>,
+    ke_stats: Vec<Arc<TcpStats>>,
     stats: Arc<ServerStats>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Arc<ServerStats>>,
@@ -231,6 +237,11 @@ impl Running {
     /// Live counters of the `i`-th TCP or TLS listener.
     pub fn stream_stats(&self, i: usize) -> Option<&TcpStats> {
         self.stream_stats.get(i).map(|s| &**s)
+    }
+
+    /// Live counters of the `i`-th NTS key-exchange listener.
+    pub fn nts_ke_stats(&self, i: usize) -> Option<&TcpStats> {
+        self.ke_stats.get(i).map(|s| &**s)
     }
 
     /// Stops it, lets requests in flight finish, and returns the counters.
@@ -364,10 +375,13 @@ impl Server {
         let mut nts = None;
         if let Some(master) = master {
             let tls = config.nts_tls.clone().ok_or(BindError::NoCertificate)?;
-            let ntp_port = ntp
-                .first()
-                .and_then(|s| s.local_addr().ok())
-                .map(|a| a.port())
+            let ntp_port = config
+                .nts_ntp_port
+                .or_else(|| {
+                    ntp.first()
+                        .and_then(|s| s.local_addr().ok())
+                        .map(|a| a.port())
+                })
                 .filter(|&p| p != 123);
             let service = Arc::new(KeService {
                 master,
@@ -451,6 +465,11 @@ impl Server {
             .map(|(a, _)| a)
             .collect();
         let stream_stats = server.streams.iter().map(TcpServer::stats).collect();
+        let nts_ke_addrs = server.nts_ke_addrs().map_err(|source| BindError::Other {
+            addr: listen,
+            source,
+        })?;
+        let ke_stats = server.ke.iter().map(TcpServer::stats).collect();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
@@ -459,8 +478,10 @@ impl Server {
             addr,
             ntp_addrs,
             stream_addrs,
+            nts_ke_addrs,
             ntp_stats,
             stream_stats,
+            ke_stats,
             stats,
             stop: Some(stop),
             task,

@@ -163,6 +163,12 @@ struct Args {
     /// default none: they use the key exchange's host).
     #[arg(long, value_name = "HOST")]
     nts_ntp_server: Option<String>,
+
+    /// The NTP port the key exchange tells clients to use (by default the
+    /// first --ntp-listen port): another when a port mapping stands
+    /// between them and cerv.
+    #[arg(long, value_name = "PORT")]
+    nts_ntp_port: Option<u16>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -345,6 +351,7 @@ fn config_from(args: &Args) -> Result<Config, Failure> {
         nts_tls,
         nts_key_rotation,
         nts_ntp_server: args.nts_ntp_server.clone(),
+        nts_ntp_port: args.nts_ntp_port,
         tcp: TcpConfig {
             max_connections: args.tcp_max_connections,
             max_per_address: args.tcp_max_per_address,

@@ -167,6 +167,9 @@ pub enum CallError {
     },
     /// The local end failed (the socket, the connection).
     Failed(String),
+    /// An NTS NAK: the server could not open our cookie (it restarted, or
+    /// rotated its keys past ours); a new key exchange is needed.
+    NtsNak,
     /// The connection shows that its bytes were altered on the way (a TLS
     /// record failed its integrity check): nothing from it is trusted.
     Tampered(String),
@@ -341,6 +344,8 @@ pub struct NoAnswer {
     pub kiss: Option<Kiss>,
     /// The server said its clock is unsynchronised: (leap, stratum).
     pub unsynchronized: Option<(u8, u8)>,
+    /// The server sent an NTS NAK.
+    pub nts_nak: bool,
 }
 
 impl fmt::Display for NoAnswer {
@@ -356,7 +361,10 @@ impl fmt::Display for NoAnswer {
             if self.sent == 1 { "" } else { "s" },
             self.elapsed.as_secs_f64()
         )?;
-        let hint = if let Some(why) = &self.transport_failed {
+        let hint = if self.nts_nak {
+            "NTS NAK: the server could not open our cookie, even after a new key exchange"
+                .to_string()
+        } else if let Some(why) = &self.transport_failed {
             why.clone()
         } else if let Some(kiss) = self.kiss {
             kiss.to_string()
@@ -603,8 +611,20 @@ impl Source {
     }
 
     /// Measures the offset to the server: probes, mean delay, `now()`, the
-    /// estimate. See the module documentation for the retry rules.
+    /// estimate. See the module documentation for the retry rules. An NTS
+    /// source whose server NAKs its cookies (it restarted, say) shakes hands
+    /// again and tries once more at once.
     pub async fn sync(&self, options: &SyncOptions) -> Result<SyncReport, SyncError> {
+        match self.sync_once(options).await {
+            Err(SyncError::NoAnswer(n)) if n.nts_nak => {
+                tracing::info!(server = %self.name(), "NTS NAK: a new key exchange");
+                self.sync_once(options).await
+            }
+            other => other,
+        }
+    }
+
+    async fn sync_once(&self, options: &SyncOptions) -> Result<SyncReport, SyncError> {
         let started = Instant::now();
         // A connection retransmits by itself: sending a request again on
         // it would only queue a second copy.
@@ -641,12 +661,14 @@ impl Source {
         let mut tampered = None;
         let mut kiss = self.stopped_by();
         let mut unsynchronized = None;
+        let mut nts_nak = false;
 
         for _ in 0..options.probes {
             if kiss.is_some()
                 || unsynchronized.is_some()
                 || transport_failed.is_some()
                 || tampered.is_some()
+                || nts_nak
             {
                 break;
             }
@@ -681,6 +703,7 @@ impl Source {
                         unsynchronized = Some((leap, stratum));
                     }
                     CallError::Failed(why) => transport_failed = Some(why),
+                    CallError::NtsNak => nts_nak = true,
                     CallError::Tampered(why) => tampered = Some(why),
                     CallError::Lost => {}
                 },
@@ -740,6 +763,7 @@ impl Source {
                 transport_failed,
                 kiss,
                 unsynchronized,
+                nts_nak,
             }));
         }
 

@@ -229,9 +229,7 @@ impl NtpExchanger {
                     .nak
                     .store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            return Err(CallError::Failed(
-                "NTS NAK: the server could not open our cookie (keys will be renewed)".into(),
-            ));
+            return Err(CallError::NtsNak);
         }
         match arrived.reply {
             Ok(Reply::Kiss(kiss)) => Err(CallError::Kiss(kiss)),
