@@ -131,10 +131,10 @@ fn a_busy_port_exits_1_and_a_bad_listen_address_2() {
     assert_one_line(&out.stderr, "cerv", "address already in use");
 
     for (listen, needle) in [
-        ("nowhere", "invalid listen address 'nowhere'"),
+        ("nowhere", "invalid --listen address 'nowhere'"),
         (
             "127.0.0.1:70000",
-            "invalid listen address '127.0.0.1:70000'",
+            "invalid --listen address '127.0.0.1:70000'",
         ),
     ] {
         let out = run(

@@ -27,8 +27,28 @@ Exit codes:
 /// fient: measure this machine's clock against a cerv time server, and
 /// optionally correct it.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "fient", version, after_help = AFTER_HELP)]
+#[command(
+    name = "fient",
+    version,
+    after_help = AFTER_HELP,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Args {
+    /// `fient status`: ask a running fient daemon.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Read options from this TOML file: keys are the long options without
+    /// the dashes (`max-drift = 50`), the servers under `servers`; the
+    /// command line wins.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+
+    /// Check the options (and the config file and the files it names) and
+    /// exit: 0 if fient would start with them, 2 if not.
+    #[arg(long)]
+    pub check_config: bool,
+
     /// The servers (up to 16), asked at once: host[:port] or
     /// cerv://host[:port] for cerv's wire (port 8081 if left out),
     /// ntp://host[:port] for NTP (port 123), tcp://host[:port] and
@@ -166,6 +186,50 @@ pub struct Args {
     /// With --watch: stop after N syncs (0: never).
     #[arg(long, default_value_t = 0, value_name = "N", requires = "watch")]
     pub count: u64,
+
+    /// With --watch: keep the clock's frequency estimate in this file
+    /// across restarts (read at start; with --slew the correction is set
+    /// from it at once).
+    #[arg(long, value_name = "FILE", requires = "watch")]
+    pub drift_file: Option<std::path::PathBuf>,
+
+    /// With --watch: answer `fient status` on this Unix socket
+    /// (/run/fient/fient.sock under systemd).
+    #[arg(long, value_name = "PATH", requires = "watch")]
+    pub control_socket: Option<std::path::PathBuf>,
+
+    /// With --watch: publish the interval for every process on the host to
+    /// this shared-memory segment (/dev/shm/fient-clock; see docs/SHM.md).
+    #[arg(long, value_name = "PATH", requires = "watch")]
+    pub shm: Option<std::path::PathBuf>,
+
+    /// With --watch: serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR", requires = "watch")]
+    pub metrics_listen: Option<String>,
+}
+
+/// fient's subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Ask a running fient daemon what it knows: the tracking view (offset,
+    /// bound, frequency) and its sources.
+    Status(StatusArgs),
+}
+
+/// `fient status`'s options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// The daemon's control socket.
+    #[arg(long, default_value = service::control::FIENT_SOCKET, value_name = "PATH")]
+    pub socket: std::path::PathBuf,
+
+    /// Print one JSON object instead of the tables.
+    #[arg(long)]
+    pub json: bool,
+
+    /// How long to wait for the answer.
+    #[arg(long, default_value = "2s", value_name = "DURATION")]
+    pub timeout: Nanos,
 }
 
 /// `--watch`'s argument: an interval, or `auto`.
@@ -253,6 +317,8 @@ pub struct Plan {
     pub watch: Option<Polling>,
     /// Stop after this many syncs (0: never).
     pub count: u64,
+    /// What the daemon publishes (with --watch).
+    pub daemon: crate::daemon::DaemonPlan,
     /// Receive timestamps.
     pub stamping: Stamping,
     /// The key to authenticate with.
@@ -468,8 +534,30 @@ impl Args {
             },
             json: self.json,
             stamping: self.timestamping,
+            daemon: crate::daemon::DaemonPlan {
+                drift_file: self.drift_file.clone(),
+                control_socket: self.control_socket.clone(),
+                shm: self.shm.clone(),
+                metrics_listen: match &self.metrics_listen {
+                    None => None,
+                    Some(a) => Some(listen_address(a, "--metrics-listen")?),
+                },
+            },
         })
     }
+}
+
+/// A listening address given as host:port.
+fn listen_address(addr: &str, option: &'static str) -> Result<std::net::SocketAddr, UsageError> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| UsageError::Range {
+            option,
+            value: addr.to_string(),
+            expected: "expected host:port",
+        })
 }
 
 /// Warns when a key file can be read by other users.

@@ -2,13 +2,18 @@
 //! [`run`].
 //!
 //! - [`cli`]: the command line, validated into a [`cli::Plan`].
+//! - [`daemon`]: what the daemon keeps for `fient status`, the metrics,
+//!   the shared-memory clock and the drift file.
+//! - [`status`]: `fient status`, the daemon's view in tables.
 //! - [`report`]: the human and `--json` renderings of one sync.
 //! - [`watch`]: `--watch`, a sync every interval, and with `--slew` the
 //!   discipline of the clock.
 //! - [`Exit`]: the exit codes, decided in one place.
 
 pub mod cli;
+pub mod daemon;
 pub mod report;
+pub mod status;
 pub mod watch;
 
 use service::clock::{Clock, ClockError, SystemClock};
@@ -133,7 +138,7 @@ pub async fn run(
 ) -> Result<(), Failure> {
     let ensemble = open(plan, clock.clone()).await?;
     if let Some(interval) = plan.watch {
-        return watch::run(plan, &ensemble, clock, interval, out, shutdown).await;
+        return watch_as_daemon(plan, &ensemble, clock, interval, out, shutdown).await;
     }
     let round = ensemble.sync(&plan.options).await;
     let single = single(plan, &ensemble);
@@ -189,6 +194,49 @@ pub async fn run(
         )),
         (None, _) => Ok(()),
     }
+}
+
+/// `--watch`, with what the daemon publishes around it: the control
+/// socket for `fient status`, the metrics, the shared-memory segment.
+async fn watch_as_daemon(
+    plan: &cli::Plan,
+    ensemble: &Ensemble,
+    clock: Arc<dyn Clock>,
+    polling: cli::Polling,
+    out: &mut (dyn Write + Send),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Failure> {
+    let daemon = Arc::new(daemon::Daemon::new(
+        ensemble,
+        plan.daemon.clone(),
+        plan.discipline.correct,
+        plan.options.params.max_drift_ppm,
+    )?);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stopped.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut tasks = Vec::new();
+    if let Some(path) = &plan.daemon.control_socket {
+        let socket = service::control::ControlSocket::bind(path)
+            .await
+            .map_err(|e| Failure::new(Exit::Usage, e))?;
+        let d = daemon.clone();
+        tasks.push(tokio::spawn(socket.serve(
+            move || service::control::DaemonStatus::Fient(Box::new(d.status())),
+            stopped(),
+        )));
+    }
+    let outcome = watch::run(plan, ensemble, &daemon, clock, polling, out, shutdown).await;
+    daemon.stop();
+    let _ = stop.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+    outcome
 }
 
 /// The clock `fient` reads and, with `--set`, steps.

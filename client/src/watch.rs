@@ -25,6 +25,7 @@
 //! Ctrl-C or SIGTERM ends it cleanly (exit 0), as does `--count`.
 
 use crate::cli::Polling;
+use crate::daemon::{Applied, Daemon};
 use crate::{ClockAction, Exit, Failure, apply, clock_failure, report};
 use serde::Serialize;
 use service::clock::Clock;
@@ -277,6 +278,7 @@ impl Line<'_> {
 pub async fn run(
     plan: &crate::cli::Plan,
     ensemble: &Ensemble,
+    daemon: &Daemon,
     clock: Arc<dyn Clock>,
     polling: Polling,
     out: &mut (dyn Write + Send),
@@ -294,10 +296,21 @@ pub async fn run(
     let names = ensemble.names();
     let correcting = plan.discipline.correct;
     let baseline = if correcting {
-        clock.frequency().map_err(clock_failure)?
+        match daemon.drift_at_start() {
+            // Start from what the drift file says the clock needs.
+            Some(d) => {
+                let ppb = (-d.frequency_ppm * 1e3).round() as i64;
+                clock.set_frequency(ppb).map_err(clock_failure)?;
+                ppb
+            }
+            None => clock.frequency().map_err(clock_failure)?,
+        }
     } else {
-        0
+        // Read only to know what the measured rate includes; 0 if the
+        // clock will not say.
+        clock.frequency().unwrap_or(0)
     };
+    daemon.set_baseline(baseline);
     let mut discipline = Discipline::new(plan.discipline, baseline);
     let mut filters = Filters::new(
         ensemble,
@@ -345,6 +358,17 @@ pub async fn run(
                 let update = discipline.update(c.reference, c.offset, Nanos::ZERO);
                 let (action, error) = apply(&*clock, update.action, update.set_frequency_ppb);
                 let correction = correcting.then(|| discipline.frequency_ppb());
+                let applied = match action {
+                    ClockAction::Stepped(by) => Applied {
+                        step: by,
+                        ..Applied::default()
+                    },
+                    ClockAction::Slewed(by) => Applied {
+                        slew: by,
+                        ..Applied::default()
+                    },
+                    _ => Applied::default(),
+                };
                 interval = match polling {
                     Polling::Every(d) => d,
                     Polling::Auto { min, max } => {
@@ -352,6 +376,7 @@ pub async fn run(
                     }
                 };
                 wait = interval;
+                daemon.record(ensemble, &round, line.filter(), correction, applied, wait);
                 written(line.synced(
                     out,
                     plan.json,
@@ -371,6 +396,7 @@ pub async fn run(
                 let rate_limited = (0..names.len()).any(|i| round.status(i) == Status::RateLimited);
                 let factor = if rate_limited { 4 } else { 2 };
                 wait = (wait * factor).min(polling.longest());
+                daemon.record(ensemble, &round, None, None, Applied::default(), wait);
                 let why = round.failure(&names).unwrap_or_else(|| "no answer".into());
                 written(line.missed(out, plan.json, clock.now(), &why, wait))?;
                 if ensemble

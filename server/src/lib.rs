@@ -5,6 +5,9 @@
 //! - [`Config`] and [`Server`]: bind the sockets (cerv's wire, and NTP
 //!   with `ntp_listen`), serve until told to stop.
 //! - [`measure_precision`]: the clock's precision, for NTP replies.
+//! - [`Monitor`] and [`status`]: `cerv status`, live counters in a table.
+
+pub mod status;
 
 use service::clock::{Clock, SkewedClock, SystemClock};
 use service::rpc::{ProbeReply, TimeService};
@@ -264,6 +267,102 @@ impl Drop for Running {
     }
 }
 
+/// One socket's live counters, for [`Monitor`].
+#[derive(Clone)]
+enum FaceCounters {
+    Datagram(Arc<ServerStats>),
+    Stream(Arc<TcpStats>),
+}
+
+/// A running server's status, read live: uptime, each socket's counters,
+/// what it says of its clock. What `cerv status` and the metrics show.
+#[derive(Clone)]
+pub struct Monitor {
+    started: std::time::Instant,
+    faces: Vec<(&'static str, SocketAddr, FaceCounters)>,
+    local_stratum: Option<u8>,
+    reloads: Arc<(service::transport::Counter, service::transport::Counter)>,
+    loaded_at: Arc<std::sync::Mutex<Timestamp>>,
+}
+
+impl Monitor {
+    /// Counts a reload (SIGHUP), and whether it worked.
+    pub fn reloaded(&self, ok: bool) {
+        if ok {
+            self.reloads.0.incr();
+            *self.loaded_at.lock().unwrap_or_else(|p| p.into_inner()) = SystemClock.now();
+        } else {
+            self.reloads.1.incr();
+        }
+    }
+
+    /// The status now.
+    pub fn status(&self) -> service::control::ServerStatus {
+        use std::collections::BTreeMap;
+        let nonzero = |pairs: &[(&'static str, u64)]| -> BTreeMap<String, u64> {
+            pairs
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(k, n)| (k.replace(' ', "_"), *n))
+                .collect()
+        };
+        let faces = self
+            .faces
+            .iter()
+            .map(|(wire, addr, counters)| match counters {
+                FaceCounters::Datagram(s) => service::control::FaceStatus {
+                    wire: (*wire).into(),
+                    address: addr.to_string(),
+                    received: s.received.get(),
+                    replied: s.replied.get(),
+                    connections: None,
+                    drops: nonzero(&s.drops()),
+                    events: nonzero(&[
+                        ("kiss_sent", s.kiss_sent.get()),
+                        ("kiss_suppressed", s.kiss_suppressed.get()),
+                        ("nts_requests", s.nts_requests.get()),
+                        ("nts_naks", s.nts_naks.get()),
+                        ("peers_created", s.peers_created.get()),
+                        ("peers_evicted", s.peers_evicted.get()),
+                        ("recv_failed", s.recv_failed.get()),
+                    ]),
+                },
+                FaceCounters::Stream(s) => service::control::FaceStatus {
+                    wire: (*wire).into(),
+                    address: addr.to_string(),
+                    received: s.requests.get(),
+                    replied: s.replied.get(),
+                    connections: Some(s.accepted.get()),
+                    drops: nonzero(&s.drops()),
+                    events: BTreeMap::new(),
+                },
+            })
+            .collect();
+        let kernel = service::clock::kernel_clock().ok();
+        let synced = kernel.as_ref().is_some_and(|k| k.synchronized);
+        let stratum = match (self.local_stratum, synced) {
+            (Some(s), _) => s,
+            (None, true) => service::ntp::DEFAULT_SYNCED_STRATUM,
+            (None, false) => 16,
+        };
+        service::control::ServerStatus {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_ns: self.started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64,
+            stratum,
+            kernel_synchronized: synced,
+            faces,
+            loaded_at: self
+                .loaded_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .to_string(),
+            reloads: self.reloads.0.get(),
+            reload_failures: self.reloads.1.get(),
+        }
+    }
+}
+
 /// A bound, not yet running server.
 pub struct Server {
     udp: UdpServer,
@@ -273,6 +372,7 @@ pub struct Server {
     nts: Option<(Arc<KeService>, Duration)>,
     handlers: TimeServer,
     dispatch: Dispatch,
+    local_stratum: Option<u8>,
 }
 
 /// Binds a UDP socket, naming the address in the error.
@@ -407,6 +507,7 @@ impl Server {
             nts,
             handlers: TimeServer::new(clock, config.processing_delay),
             dispatch: config.dispatch,
+            local_stratum: config.ntp.local_stratum,
         })
     }
 
@@ -437,6 +538,36 @@ impl Server {
     /// Live counters.
     pub fn stats(&self) -> Arc<ServerStats> {
         self.udp.stats()
+    }
+
+    /// A live view of every socket, for `cerv status` and the metrics.
+    pub fn monitor(&self) -> io::Result<Monitor> {
+        let mut faces = vec![(
+            "cerv",
+            self.udp.local_addr()?,
+            FaceCounters::Datagram(self.udp.stats()),
+        )];
+        for ntp in &self.ntp {
+            faces.push((
+                "ntp",
+                ntp.local_addr()?,
+                FaceCounters::Datagram(ntp.stats()),
+            ));
+        }
+        for s in &self.streams {
+            let wire = if s.is_tls() { "tls" } else { "tcp" };
+            faces.push((wire, s.local_addr()?, FaceCounters::Stream(s.stats())));
+        }
+        for s in &self.ke {
+            faces.push(("nts-ke", s.local_addr()?, FaceCounters::Stream(s.stats())));
+        }
+        Ok(Monitor {
+            started: std::time::Instant::now(),
+            faces,
+            local_stratum: self.local_stratum,
+            reloads: Arc::default(),
+            loaded_at: Arc::new(std::sync::Mutex::new(SystemClock.now())),
+        })
     }
 
     /// Binds and serves in a task of its own on the current Tokio runtime,

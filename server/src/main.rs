@@ -27,8 +27,27 @@ RUST_LOG=service=debug logs one line per request).";
 
 /// The cerv time server: answers probe() and now() over tarpc on UDP.
 #[derive(Parser, Debug)]
-#[command(name = "cerv", version, after_help = EXIT_CODES)]
+#[command(
+    name = "cerv",
+    version,
+    after_help = EXIT_CODES,
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    /// `cerv status`: ask a running cerv.
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// Read options from this TOML file: keys are the long options without
+    /// the dashes (`ntp-listen = ["0.0.0.0:123"]`); the command line wins.
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+
+    /// Check the options (and the config file, certificates and key files
+    /// they name) and exit: 0 if cerv would start with them, 2 if not.
+    #[arg(long)]
+    check_config: bool,
+
     /// Address to listen on, host:port.
     #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR")]
     listen: String,
@@ -164,11 +183,31 @@ struct Args {
     #[arg(long, value_name = "HOST")]
     nts_ntp_server: Option<String>,
 
+    /// Answer `cerv status` on this Unix socket (/run/cerv/cerv.sock under
+    /// systemd).
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<std::path::PathBuf>,
+
     /// The NTP port the key exchange tells clients to use (by default the
     /// first --ntp-listen port): another when a port mapping stands
     /// between them and cerv.
     #[arg(long, value_name = "PORT")]
     nts_ntp_port: Option<u16>,
+}
+
+/// cerv's subcommands.
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Ask a running cerv how it fares: uptime, what it has served and
+    /// dropped, socket by socket.
+    Status {
+        /// Its control socket.
+        #[arg(long, default_value = service::control::CERV_SOCKET, value_name = "PATH")]
+        socket: std::path::PathBuf,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -203,7 +242,17 @@ impl From<BindError> for Failure {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let (args, file) = match service::config::parse::<Args>(std::env::args_os().collect()) {
+        Ok(layered) => (layered.args, layered.file.unwrap_or_default()),
+        Err(service::config::LayerError::Clap(e)) => e.exit(),
+        Err(service::config::LayerError::Config(e)) => {
+            eprintln!("cerv: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(Command::Status { socket, json }) = &args.command {
+        return ask_status(socket, *json);
+    }
     if let Some(id) = args.generate_key {
         if id == 0 {
             eprintln!("cerv: invalid --generate-key '0': key ids run from 1 to 4294967295");
@@ -212,13 +261,26 @@ fn main() -> ExitCode {
         println!("{}", service::auth::Key::generate(id).to_line());
         return ExitCode::SUCCESS;
     }
+    let fail = |Failure { code, error }: Failure| {
+        eprintln!("cerv: {}", file.locate(&format!("{error:#}")));
+        ExitCode::from(code)
+    };
+    if args.check_config {
+        return match config_from(&args) {
+            Ok(_) => {
+                match &args.config {
+                    Some(path) => println!("cerv: {}: the configuration is valid", path.display()),
+                    None => println!("cerv: the configuration is valid"),
+                }
+                ExitCode::SUCCESS
+            }
+            Err(failure) => fail(failure),
+        };
+    }
     init_logging(args.log_format);
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure { code, error }) => {
-            eprintln!("cerv: {error:#}");
-            ExitCode::from(code)
-        }
+        Err(failure) => fail(failure),
     }
 }
 
@@ -239,17 +301,17 @@ fn init_logging(format: LogFormat) {
 }
 
 fn config_from(args: &Args) -> Result<Config, Failure> {
-    let listen = resolve(&args.listen).map_err(Failure::usage)?;
-    let resolve_all = |addrs: &[String]| {
+    let listen = resolve(&args.listen, "--listen").map_err(Failure::usage)?;
+    let resolve_all = |addrs: &[String], flag: &str| {
         addrs
             .iter()
-            .map(|a| resolve(a))
+            .map(|a| resolve(a, flag))
             .collect::<anyhow::Result<Vec<_>>>()
             .map_err(Failure::usage)
     };
-    let ntp_listen = resolve_all(&args.ntp_listen)?;
-    let tcp_listen = resolve_all(&args.tcp_listen)?;
-    let tls_listen = resolve_all(&args.tls_listen)?;
+    let ntp_listen = resolve_all(&args.ntp_listen, "--ntp-listen")?;
+    let tcp_listen = resolve_all(&args.tcp_listen, "--tcp-listen")?;
+    let tls_listen = resolve_all(&args.tls_listen, "--tls-listen")?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(
             service::tls::server_config(cert, key, &[], false)
@@ -262,7 +324,7 @@ fn config_from(args: &Args) -> Result<Config, Failure> {
             )));
         }
     };
-    let nts_ke_listen = resolve_all(&args.nts_ke_listen)?;
+    let nts_ke_listen = resolve_all(&args.nts_ke_listen, "--nts-ke-listen")?;
     let nts_tls = match (&args.tls_cert, &args.tls_key, nts_ke_listen.is_empty()) {
         (Some(cert), Some(key), false) => Some(
             service::tls::server_config(cert, key, &[service::nts::ke::ALPN], true)
@@ -380,11 +442,11 @@ fn non_negative_duration(d: Nanos, what: &str) -> Result<Duration, Failure> {
     }
 }
 
-fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+fn resolve(addr: &str, flag: &str) -> anyhow::Result<SocketAddr> {
     addr.to_socket_addrs()
-        .with_context(|| format!("invalid listen address '{addr}'"))?
+        .with_context(|| format!("invalid {flag} address '{addr}'"))?
         .next()
-        .with_context(|| format!("invalid listen address '{addr}': resolves to nothing"))
+        .with_context(|| format!("invalid {flag} address '{addr}': resolves to nothing"))
 }
 
 fn run(args: Args) -> Result<(), Failure> {
@@ -437,14 +499,89 @@ fn run(args: Args) -> Result<(), Failure> {
         })? {
             info!("serving nts-ke on {addr}");
         }
+        let monitor = server.monitor().map_err(|e| Failure {
+            code: 1,
+            error: e.into(),
+        })?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let control = match &args.control_socket {
+            None => None,
+            Some(path) => {
+                let socket = service::control::ControlSocket::bind(path)
+                    .await
+                    .map_err(|e| Failure::usage(e.into()))?;
+                info!("answering cerv status on {}", path.display());
+                let monitor = monitor.clone();
+                let mut stopped = stopped.clone();
+                Some(tokio::spawn(socket.serve(
+                    move || service::control::DaemonStatus::Cerv(monitor.status()),
+                    async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    },
+                )))
+            }
+        };
         info!(
             offset = %config.offset,
             processing_delay = ?config.processing_delay,
             "listening on {addr}"
         );
         server.run(shutdown).await;
+        let _ = stop.send(true);
+        if let Some(task) = control {
+            let _ = task.await;
+        }
         Ok(())
     })
+}
+
+/// `cerv status`: 0 when cerv answered, 1 when it cannot be asked.
+fn ask_status(socket: &std::path::Path, json: bool) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cerv: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let answer = runtime.block_on(service::control::query(
+        socket,
+        "cerv",
+        Duration::from_secs(2),
+    ));
+    let status = match answer {
+        Ok(service::control::DaemonStatus::Cerv(s)) => s,
+        Ok(service::control::DaemonStatus::Fient(_)) => {
+            eprintln!(
+                "cerv: '{}' is fient's control socket; ask it with `fient status`",
+                socket.display()
+            );
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("cerv: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut stdout = std::io::stdout();
+    let written = if json {
+        use std::io::Write;
+        serde_json::to_writer_pretty(&mut stdout, &status)
+            .map_err(std::io::Error::from)
+            .and_then(|()| writeln!(stdout))
+    } else {
+        server::status::write_human(&mut stdout, &status)
+    };
+    match written {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("cerv: cannot write the status: {e}");
+            ExitCode::from(1)
+        }
+        _ => ExitCode::SUCCESS,
+    }
 }
 
 /// Completes on Ctrl-C or SIGTERM, logging which; the handlers are in

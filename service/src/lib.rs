@@ -14,6 +14,8 @@
 //! - [`transport`]: tarpc over UDP, client and server side.
 //! - [`source`]: one server over one wire (cerv's or NTP): connect, probe and
 //!   sync, with retries, Kiss-o'-Death handling and an honest estimate.
+//! - [`control`]: the control socket (`fient status`, `cerv status`): a tarpc service on a Unix socket.
+//! - [`config`]: TOML config files whose keys are the programs' long options.
 //! - [`signals`]: Ctrl-C and SIGTERM, for the binaries.
 //! - [`filter`]: a source's history over syncs: a tighter estimate, the frequency, steps (pure).
 //! - [`ensemble`]: several sources asked at once, selected and combined.
@@ -23,6 +25,8 @@
 
 pub mod auth;
 pub mod clock;
+pub mod config;
+pub mod control;
 pub mod discipline;
 pub mod ensemble;
 pub mod filter;

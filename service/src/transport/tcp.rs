@@ -121,6 +121,26 @@ pub struct TcpStats {
     pub accept_failed: Counter,
 }
 
+impl TcpStats {
+    /// Each reason a connection was closed or refused, or a request
+    /// refused, with its count (zeros included), in a fixed order.
+    pub fn drops(&self) -> [(&'static str, u64); 11] {
+        [
+            ("over limit", self.over_limit.get()),
+            ("over address limit", self.over_address_limit.get()),
+            ("handshake failed", self.handshake_failed.get()),
+            ("handshake timeout", self.handshake_timeout.get()),
+            ("idle", self.idle_closed.get()),
+            ("oversized", self.oversized.get()),
+            ("malformed", self.malformed.get()),
+            ("auth failed", self.auth_failed.get()),
+            ("rate limited", self.rate_limited.get()),
+            ("io failed", self.io_failed.get()),
+            ("accept failed", self.accept_failed.get()),
+        ]
+    }
+}
+
 impl fmt::Display for TcpStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -130,25 +150,13 @@ impl fmt::Display for TcpStats {
             self.requests.get(),
             self.replied.get()
         )?;
-        let reasons = [
-            ("over limit", &self.over_limit),
-            ("over address limit", &self.over_address_limit),
-            ("handshake failed", &self.handshake_failed),
-            ("handshake timeout", &self.handshake_timeout),
-            ("idle", &self.idle_closed),
-            ("oversized", &self.oversized),
-            ("malformed", &self.malformed),
-            ("auth failed", &self.auth_failed),
-            ("rate limited", &self.rate_limited),
-            ("io failed", &self.io_failed),
-            ("accept failed", &self.accept_failed),
-        ];
+        let reasons = self.drops();
         let mut first = true;
-        for (name, counter) in reasons {
-            if counter.get() > 0 {
+        for (name, n) in reasons {
+            if n > 0 {
                 f.write_str(if first { "; closed or refused: " } else { ", " })?;
                 first = false;
-                write!(f, "{name} {}", counter.get())?;
+                write!(f, "{name} {n}")?;
             }
         }
         Ok(())
