@@ -71,8 +71,16 @@ pub fn server_config(
     alpn: &[&[u8]],
     tls13_only: bool,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let certs = load_certs(cert)?;
-    let key = load_key(key)?;
+    server_config_from(CertStore::load(cert, key)?, alpn, tls13_only)
+}
+
+/// A server configuration whose certificate comes from `store`: replaced
+/// there (on SIGHUP), it is what the next handshake presents.
+pub fn server_config_from(
+    store: Arc<CertStore>,
+    alpn: &[&[u8]],
+    tls13_only: bool,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let builder = ServerConfig::builder_with_provider(provider());
     let builder = if tls13_only {
         builder.with_protocol_versions(&[&rustls::version::TLS13])
@@ -80,12 +88,58 @@ pub fn server_config(
         builder.with_safe_default_protocol_versions()
     }
     .map_err(|e| TlsError::Config(e.to_string()))?;
-    let mut config = builder
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Config(format!("the key does not fit the certificate: {e}")))?;
+    let mut config = builder.with_no_client_auth().with_cert_resolver(store);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
+}
+
+/// The server's certificate and key, replaceable while serving: after
+/// [`reload`](CertStore::reload) new handshakes present the new pair,
+/// while connections already open keep theirs.
+#[derive(Debug)]
+pub struct CertStore {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl CertStore {
+    /// Reads the pair, checking that the key fits the certificate.
+    pub fn load(cert: &Path, key: &Path) -> Result<Arc<CertStore>, TlsError> {
+        Ok(Arc::new(CertStore {
+            current: std::sync::RwLock::new(Arc::new(certified(cert, key)?)),
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+        }))
+    }
+
+    /// Reads the files again; on any error the pair in use stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let fresh = Arc::new(certified(&self.cert, &self.key)?);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// The certificate file.
+    pub fn cert_path(&self) -> &Path {
+        &self.cert
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertStore {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+fn certified(cert: &Path, key: &Path) -> Result<rustls::sign::CertifiedKey, TlsError> {
+    let certs = load_certs(cert)?;
+    let key = load_key(key)?;
+    rustls::sign::CertifiedKey::from_der(certs, key, &provider())
+        .map_err(|e| TlsError::Config(format!("the key does not fit the certificate: {e}")))
 }
 
 /// The trust roots: the certificates of `ca` (PEM), or the system's store
@@ -291,5 +345,38 @@ mod tests {
             1_609_459_200,
         ));
         assert_eq!(cert_time(t), "2021-01-01T00:00:00Z");
+    }
+
+    fn self_signed(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        let cert = dir.join(format!("{name}.pem"));
+        let key = dir.join(format!("{name}.key"));
+        std::fs::write(&cert, c.cert.pem()).unwrap();
+        std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+        (cert, key)
+    }
+
+    #[test]
+    fn a_reload_swaps_the_pair_and_a_bad_one_keeps_the_old() {
+        use rustls::server::ResolvesServerCert as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_a, key_a) = self_signed(dir.path(), "a.example");
+        let (cert_b, key_b) = self_signed(dir.path(), "b.example");
+        let e = CertStore::load(&cert_a, &key_b).unwrap_err();
+        assert!(e.to_string().contains("does not fit"), "{e}");
+        let store = CertStore::load(&cert_a, &key_a).unwrap();
+        let current = |s: &CertStore| s.current.read().unwrap().cert[0].clone();
+        let first = current(&store);
+        // A half-written renewal: the old pair stays.
+        std::fs::write(&cert_a, "-----BEGIN CERTIFICATE-----\ngarbage").unwrap();
+        assert!(store.reload().is_err());
+        assert_eq!(current(&store), first);
+        // The renewal in place: the new pair.
+        std::fs::copy(&cert_b, &cert_a).unwrap();
+        std::fs::copy(&key_b, &key_a).unwrap();
+        store.reload().unwrap();
+        assert_ne!(current(&store), first);
+        assert_eq!(current(&store), load_certs(&cert_b).unwrap()[0]);
+        let _ = store.only_raw_public_keys();
     }
 }
