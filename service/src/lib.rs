@@ -20,12 +20,15 @@
 //! - [`shm`]: the clock for every process: fient publishes to a shared-memory
 //!   segment, any process reads an interval from it without a system call.
 //! - [`synced`]: [`synced::SyncedClock`], an interval that holds the server's time, kept in sync in the background.
+//! - [`metrics`]: snapshots of cerv's and fient's numbers, the Prometheus
+//!   text format, and a small `GET /metrics` endpoint.
 
 pub mod auth;
 pub mod clock;
 pub mod discipline;
 pub mod ensemble;
 pub mod filter;
+pub mod metrics;
 pub mod ntp;
 pub mod nts;
 pub mod rpc;
