@@ -22,6 +22,8 @@
 //! - [`synced`]: [`synced::SyncedClock`], an interval that holds the server's time, kept in sync in the background.
 //! - [`metrics`]: snapshots of cerv's and fient's numbers, the Prometheus
 //!   text format, and a small `GET /metrics` endpoint.
+//! - [`systemd`]: `sd_notify` (ready, reloading, stopping, status) and the
+//!   watchdog, without libsystemd.
 
 pub mod auth;
 pub mod clock;
@@ -38,6 +40,7 @@ pub mod signals;
 pub mod source;
 pub mod sync;
 pub mod synced;
+pub mod systemd;
 pub mod time;
 pub mod tls;
 pub mod transport;
