@@ -433,7 +433,8 @@ fn identifier(s: &str) -> String {
 /// | `cerv_receive_batch_size` | histogram | wire, listener (when counted) |
 pub fn render_cerv(m: &CervMetrics) -> String {
     let mut out = String::with_capacity(2048 + 1024 * m.listeners.len());
-    let labels = |l: &ListenerMetrics| vec![("wire", l.wire.to_string()), ("listener", l.addr.clone())];
+    let labels =
+        |l: &ListenerMetrics| vec![("wire", l.wire.to_string()), ("listener", l.addr.clone())];
     let counter = |out: &mut String,
                    name: &'static str,
                    help: &'static str,
@@ -528,7 +529,10 @@ pub fn render_cerv(m: &CervMetrics) -> String {
         "TLS handshakes that failed (error) or took too long (timeout).",
     );
     for l in &m.listeners {
-        for (reason, n) in [("error", l.handshake_failed), ("timeout", l.handshake_timeout)] {
+        for (reason, n) in [
+            ("error", l.handshake_failed),
+            ("timeout", l.handshake_timeout),
+        ] {
             if let Some(n) = n {
                 let mut ls = labels(l);
                 ls.push(("reason", reason.to_string()));
@@ -1031,7 +1035,10 @@ mod tests {
             assert!(l.contains(&want), "missing {want:?} in\n{text}");
         }
         // The datagram listener has no connections.
-        assert!(!text.contains(r#"cerv_connections_total{wire="ntp""#), "{text}");
+        assert!(
+            !text.contains(r#"cerv_connections_total{wire="ntp""#),
+            "{text}"
+        );
     }
 
     #[test]
@@ -1302,7 +1309,10 @@ mod tests {
             (b"GET / HTTP/1.1\r\n\r\n", "404 Not Found"),
             (b"GET /metricsx HTTP/1.1\r\n\r\n", "404 Not Found"),
             (b"POST /metrics HTTP/1.1\r\n\r\n", "405 Method Not Allowed"),
-            (b"GET /metrics HTTP/2.0\r\n\r\n", "505 HTTP Version Not Supported"),
+            (
+                b"GET /metrics HTTP/2.0\r\n\r\n",
+                "505 HTTP Version Not Supported",
+            ),
             (b"\x00\xff\xfe garbage\r\n\r\n", "400 Bad Request"),
             (b"GET  /metrics HTTP/1.1\r\n\r\n", "400 Bad Request"),
             (b"GET /metrics\r\n\r\n", "400 Bad Request"),
@@ -1330,7 +1340,8 @@ mod tests {
         let server = start(quick()).await;
         let mut request = b"GET /metrics HTTP/1.1\r\n".to_vec();
         while request.len() < 16 * 1024 {
-            request.extend_from_slice(b"X-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+            request
+                .extend_from_slice(b"X-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
         }
         request.extend_from_slice(b"\r\n");
         let reply = exchange(server.addr, &request, false).await;
