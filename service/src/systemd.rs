@@ -265,7 +265,10 @@ mod tests {
         assert_eq!(receive(&sock), "READY=1");
         assert_eq!(receive(&sock), "STATUS=up");
         let reload = receive(&sock);
-        assert!(reload.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{reload}");
+        assert!(
+            reload.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+            "{reload}"
+        );
         assert_eq!(receive(&sock), "STOPPING=1");
         assert_eq!(receive(&sock), "WATCHDOG=1");
     }
