@@ -107,10 +107,12 @@ pub fn watchdog_interval() -> Option<Duration> {
 }
 
 fn watchdog_from(usec: Option<&str>, pid: Option<&str>, ours: u32) -> Option<Duration> {
-    if let Some(pid) = pid {
-        if pid.trim().parse::<u32>().ok()? != ours {
-            return None;
-        }
+    let for_us = match pid {
+        None => true,
+        Some(pid) => pid.trim().parse::<u32>().ok() == Some(ours),
+    };
+    if !for_us {
+        return None;
     }
     let usec: u64 = usec?.trim().parse().ok()?;
     (usec > 0).then(|| Duration::from_micros(usec))
