@@ -24,7 +24,7 @@
 //! untyped family without help (promtool says so), and serving it as
 //! `application/openmetrics-text` instead would make every scraper speak
 //! OpenMetrics. The 0.0.4 format is small (HELP and TYPE lines, samples,
-//! three escapes), and [`Family`] below is all of it that we need;
+//! three escapes), and the `Family` type below is all of it that we need;
 //! `promtool check metrics` checks the output in the tests.
 //!
 //! **Why the endpoint is on plain tokio, not hyper.** One path, one
