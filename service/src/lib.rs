@@ -22,6 +22,10 @@
 //! - [`shm`]: the clock for every process: fient publishes to a shared-memory
 //!   segment, any process reads an interval from it without a system call.
 //! - [`synced`]: [`synced::SyncedClock`], an interval that holds the server's time, kept in sync in the background.
+//! - [`metrics`]: snapshots of cerv's and fient's numbers, the Prometheus
+//!   text format, and a small `GET /metrics` endpoint.
+//! - [`systemd`]: `sd_notify` (ready, reloading, stopping, status) and the
+//!   watchdog, without libsystemd.
 
 pub mod auth;
 pub mod clock;
@@ -30,6 +34,7 @@ pub mod control;
 pub mod discipline;
 pub mod ensemble;
 pub mod filter;
+pub mod metrics;
 pub mod ntp;
 pub mod nts;
 pub mod rpc;
@@ -39,6 +44,7 @@ pub mod signals;
 pub mod source;
 pub mod sync;
 pub mod synced;
+pub mod systemd;
 pub mod time;
 pub mod tls;
 pub mod transport;

@@ -1,0 +1,243 @@
+//! The metrics as Prometheus reads them: both renderings, and a page
+//! scraped from the real endpoint, pass `promtool check metrics` (its
+//! parser and its lint) with nothing to say.
+
+use lab::peers::Peer;
+use service::metrics::{
+    self, BatchSizes, CervMetrics, CombinedMetrics, FientMetrics, ListenerMetrics, Render,
+    SourceMetrics,
+};
+use service::transport::server::ServerStats;
+use service::transport::tcp::TcpStats;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A server with every kind of listener, every counter moved.
+fn cerv() -> CervMetrics {
+    let ntp = ServerStats::default();
+    ntp.received.add(1000);
+    ntp.replied.add(950);
+    ntp.malformed.add(20);
+    ntp.rate_limited.add(30);
+    ntp.kiss_sent.add(10);
+    ntp.kiss_suppressed.add(20);
+    ntp.nts_requests.add(400);
+    ntp.nts_naks.add(3);
+    ntp.nts_failed.add(1);
+    let mut ntp = ListenerMetrics::datagram("ntp", "127.0.0.1:123", &ntp);
+    let mut batches = BatchSizes::default();
+    for size in [1, 1, 2, 5, 17, 32] {
+        batches.observe(size);
+    }
+    ntp.batch_sizes = Some(batches);
+    let tls = TcpStats::default();
+    tls.accepted.add(12);
+    tls.requests.add(60);
+    tls.replied.add(60);
+    tls.handshake_failed.add(2);
+    tls.handshake_timeout.add(1);
+    tls.idle_closed.add(4);
+    CervMetrics {
+        uptime: Duration::from_secs(3600),
+        listeners: vec![
+            ListenerMetrics::datagram("cerv", "[::]:8081", &ServerStats::default()),
+            ntp,
+            ListenerMetrics::stream("tcp", "0.0.0.0:8081", &TcpStats::default()),
+            ListenerMetrics::stream("tls", "0.0.0.0:8443", &tls),
+            ListenerMetrics::stream("nts-ke", "[::1]:4460", &TcpStats::default()),
+        ],
+    }
+}
+
+/// A client with sources in every state, one with a name that needs
+/// escaping.
+fn fient() -> FientMetrics {
+    FientMetrics {
+        sources: vec![
+            SourceMetrics {
+                name: "ntp://time.example:123".into(),
+                wire: "ntp",
+                status: "selected",
+                offset_seconds: Some(0.000_125),
+                bound_seconds: Some(0.002),
+                rtt_seconds: Some(0.003_5),
+                reachability: 0xff,
+                stratum: Some(2),
+            },
+            SourceMetrics {
+                name: "nts://\"quoted\"\\back\nslash".into(),
+                wire: "nts",
+                status: "falseticker",
+                offset_seconds: Some(-1.5),
+                bound_seconds: Some(1e-9),
+                rtt_seconds: Some(0.02),
+                reachability: 0b0111_1110,
+                stratum: Some(1),
+            },
+            SourceMetrics {
+                name: "cerv://127.0.0.1:8081".into(),
+                wire: "cerv",
+                status: "no_answer",
+                reachability: 0,
+                ..SourceMetrics::default()
+            },
+        ],
+        combined: Some(CombinedMetrics {
+            offset_seconds: 0.000_125,
+            bound_seconds: 0.002,
+            agreeing: 1,
+            answered: 2,
+        }),
+        syncs: vec![("synced", 41), ("no majority", 2), ("failed", 1)],
+        last_sync_age: Some(Duration::from_millis(64_250)),
+        frequency_ppm: Some(-3.75),
+    }
+}
+
+/// Runs `promtool check metrics` with `text` on stdin, at most 30 s;
+/// returns its exit code and everything it printed.
+fn promtool_check(promtool: &Path, text: &str) -> (Option<i32>, String) {
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn promtool");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = text.to_string();
+    let writer = thread::spawn(move || {
+        let _ = stdin.write_all(input.as_bytes());
+    });
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let _ = writer.join();
+    let printed = format!(
+        "{}{}",
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default()
+    );
+    (status.and_then(|s| s.code()), printed)
+}
+
+fn assert_clean(promtool: &Path, what: &str, text: &str) {
+    let (code, printed) = promtool_check(promtool, text);
+    assert_eq!(
+        (code, printed.trim()),
+        (Some(0), ""),
+        "promtool check metrics on {what}:\n{printed}\n--- input ---\n{text}"
+    );
+}
+
+#[test]
+fn promtool_accepts_cervs_metrics() {
+    let Some(promtool) = Peer::Promtool.require("promtool_accepts_cervs_metrics") else {
+        return;
+    };
+    // The check is not vacuous: a counter without help or `_total` fails.
+    let (code, printed) =
+        promtool_check(&promtool, "# TYPE cerv_requests counter\ncerv_requests 1\n");
+    assert_ne!(code, Some(0), "{printed}");
+    assert!(printed.contains("_total"), "{printed}");
+    let text = metrics::render_cerv(&cerv());
+    assert!(text.contains("cerv_receive_batch_size_bucket"), "{text}");
+    assert_clean(&promtool, "render_cerv", &text);
+    assert_clean(
+        &promtool,
+        "an idle server",
+        &metrics::render_cerv(&CervMetrics::default()),
+    );
+}
+
+#[test]
+fn promtool_accepts_fients_metrics() {
+    let Some(promtool) = Peer::Promtool.require("promtool_accepts_fients_metrics") else {
+        return;
+    };
+    let text = metrics::render_fient(&fient());
+    assert!(
+        text.contains(r#"source="nts://\"quoted\"\\back\nslash""#),
+        "{text}"
+    );
+    assert_clean(&promtool, "render_fient", &text);
+    assert_clean(
+        &promtool,
+        "a client that knows nothing yet",
+        &metrics::render_fient(&FientMetrics::default()),
+    );
+}
+
+/// The page as a scraper gets it: over a real connection to the endpoint.
+#[test]
+fn promtool_accepts_a_scraped_page() {
+    let Some(promtool) = Peer::Promtool.require("promtool_accepts_a_scraped_page") else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (body, content_type) = runtime.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let snapshot = fient();
+        let render: Render = Arc::new(move || metrics::render_fient(&snapshot));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(metrics::serve(listener, render, async {
+            let _ = stopped.await;
+        }));
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(
+            b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept-Encoding: gzip\r\n\r\n",
+        )
+        .await
+        .expect("send");
+        let mut reply = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut reply))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        let reply = String::from_utf8(reply).expect("utf-8");
+        let (head, body) = reply.split_once("\r\n\r\n").expect("a head");
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+        let content_type = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Type: "))
+            .unwrap_or_default()
+            .to_string();
+        (body.to_string(), content_type)
+    });
+    assert_eq!(content_type, metrics::CONTENT_TYPE);
+    assert_clean(&promtool, "the scraped page", &body);
+}
