@@ -60,8 +60,8 @@ fn fient() -> FientMetrics {
         sources: vec![
             SourceMetrics {
                 name: "ntp://time.example:123".into(),
-                wire: "ntp",
-                status: "selected",
+                wire: "ntp".into(),
+                status: "selected".into(),
                 offset_seconds: Some(0.000_125),
                 bound_seconds: Some(0.002),
                 rtt_seconds: Some(0.003_5),
@@ -70,8 +70,8 @@ fn fient() -> FientMetrics {
             },
             SourceMetrics {
                 name: "nts://\"quoted\"\\back\nslash".into(),
-                wire: "nts",
-                status: "falseticker",
+                wire: "nts".into(),
+                status: "falseticker".into(),
                 offset_seconds: Some(-1.5),
                 bound_seconds: Some(1e-9),
                 rtt_seconds: Some(0.02),
@@ -80,8 +80,8 @@ fn fient() -> FientMetrics {
             },
             SourceMetrics {
                 name: "cerv://127.0.0.1:8081".into(),
-                wire: "cerv",
-                status: "no_answer",
+                wire: "cerv".into(),
+                status: "no_answer".into(),
                 reachability: 0,
                 ..SourceMetrics::default()
             },
@@ -92,7 +92,11 @@ fn fient() -> FientMetrics {
             agreeing: 1,
             answered: 2,
         }),
-        syncs: vec![("synced", 41), ("no majority", 2), ("failed", 1)],
+        syncs: vec![
+            ("synced".into(), 41),
+            ("no majority".into(), 2),
+            ("failed".into(), 1),
+        ],
         last_sync_age: Some(Duration::from_millis(64_250)),
         frequency_ppm: Some(-3.75),
     }
@@ -240,4 +244,118 @@ fn promtool_accepts_a_scraped_page() {
     });
     assert_eq!(content_type, metrics::CONTENT_TYPE);
     assert_clean(&promtool, "the scraped page", &body);
+}
+
+/// `GET /metrics` from `addr`, over a plain connection: the body.
+fn scrape(addr: &str) -> String {
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect to the metrics port");
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("send");
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).expect("read");
+    let (head, body) = reply.split_once("\r\n\r\n").expect("a head");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    body.to_string()
+}
+
+/// A free loopback TCP port (bound, then let go).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The value of the sample whose line starts with `series` (name and
+/// labels), if there is one.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// The real binaries: cerv and a fient daemon, each with --metrics-listen,
+/// scraped over HTTP; the pages pass promtool and hold what happened.
+#[test]
+fn the_daemons_serve_metrics_that_promtool_accepts() {
+    let Some(promtool) = Peer::Promtool.require("the_daemons_serve_metrics_that_promtool_accepts")
+    else {
+        return;
+    };
+    let cerv_metrics = format!("127.0.0.1:{}", free_port());
+    let server = lab::Cerv::start(&[
+        "--ntp-listen",
+        "127.0.0.1:0",
+        "--ntp-stratum",
+        "2",
+        "--metrics-listen",
+        &cerv_metrics,
+    ]);
+    let fient_metrics = format!("127.0.0.1:{}", free_port());
+    let mut daemon = Command::new(lab::bin("fient"))
+        .args([
+            &server.target(),
+            &server.ntp_target(),
+            "--watch",
+            "200ms",
+            "--probes",
+            "2",
+            "--metrics-listen",
+            &fient_metrics,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn fient");
+    // Three rounds in, both pages say so.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let page = loop {
+        let page = std::net::TcpStream::connect(&fient_metrics)
+            .ok()
+            .map(|_| scrape(&fient_metrics));
+        if let Some(p) = page
+            && sample(&p, r#"fient_syncs_total{outcome="synced"}"#).unwrap_or(0.0) >= 3.0
+        {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fient's metrics never showed 3 syncs"
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert_clean(&promtool, "fient's page", &page);
+    let ntp = format!(r#"{{source="{}",wire="ntp"}}"#, server.ntp_target());
+    assert_eq!(
+        sample(&page, &format!("fient_source_stratum{ntp}")),
+        Some(2.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, &format!("fient_source_reachability{ntp}")).map(|r| r as u64 & 0b111),
+        Some(0b111),
+        "{page}"
+    );
+    let offset = sample(&page, "fient_offset_seconds").expect("a combined offset");
+    let bound = sample(&page, "fient_error_bound_seconds").expect("a bound");
+    assert!(
+        offset.abs() <= bound,
+        "one host, one clock: {offset} ± {bound}"
+    );
+    assert_eq!(sample(&page, "fient_sources_agreeing"), Some(2.0), "{page}");
+
+    let page = scrape(&cerv_metrics);
+    assert_clean(&promtool, "cerv's page", &page);
+    let cerv = format!(r#"{{wire="cerv",listener="{}"}}"#, server.target());
+    let ntp = format!(r#"{{wire="ntp",listener="{}"}}"#, server.ntp_addrs[0]);
+    // Each round asks each server 2 probes and a now().
+    for face in [&cerv, &ntp] {
+        let replies = sample(&page, &format!("cerv_replies_total{face}")).expect("replies");
+        assert!(replies >= 9.0, "{face}: {replies}\n{page}");
+    }
+    assert!(sample(&page, "cerv_uptime_seconds").unwrap() > 0.0);
 }

@@ -46,7 +46,7 @@ fn every_example_config_validates() {
     let out = check("cerv", &repo("deploy/cerv-nts.toml"));
     assert_eq!(out.code(), Some(2), "{}", out.stdout);
     assert!(
-        out.stderr.contains("/etc/cerv/fullchain.pem") && out.stderr.contains("cerv-nts.toml line"),
+        out.stderr.contains("/etc/cerv/cert.pem") && out.stderr.contains("cerv-nts.toml line"),
         "{}",
         out.stderr
     );
@@ -54,8 +54,8 @@ fn every_example_config_validates() {
     let certs = TestCerts::generate();
     let text = std::fs::read_to_string(repo("deploy/cerv-nts.toml"))
         .unwrap()
-        .replace("/etc/cerv/fullchain.pem", certs.good.cert.to_str().unwrap())
-        .replace("/etc/cerv/privkey.pem", certs.good.key.to_str().unwrap());
+        .replace("/etc/cerv/cert.pem", certs.good.cert.to_str().unwrap())
+        .replace("/etc/cerv/key.pem", certs.good.key.to_str().unwrap());
     let dir = TempDir::new("cerv-config");
     let local = dir.path().join("cerv-nts.toml");
     std::fs::write(&local, text).unwrap();
@@ -459,4 +459,98 @@ fn read_realtime() -> i64 {
     // SAFETY: clock_gettime writes the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
     ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+/// SIGHUP reads the certificate again: new handshakes get the new one, a
+/// connection already open goes on being served, and a bad file keeps the
+/// pair in use (counted in `cerv status`).
+#[test]
+fn a_hangup_swaps_the_certificate_without_dropping_a_client() {
+    let certs = TestCerts::generate();
+    let dir = TempDir::new("cerv-reload");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::copy(&certs.good.cert, &cert).unwrap();
+    std::fs::copy(&certs.good.key, &key).unwrap();
+    let socket = dir.path().join("cerv.sock");
+    let server = Cerv::start(&[
+        "--tls-listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--control-socket",
+        socket.to_str().unwrap(),
+    ]);
+    let target = server.tls_target();
+    let ca = certs.ca.to_str().unwrap().to_string();
+    let one_shot = || {
+        run(
+            Command::new(bin("fient")).args([&target, "--ca", &ca, "-n", "2"]),
+            Duration::from_secs(20),
+        )
+    };
+    let out = one_shot();
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = service::tls::client_config(Some(&certs.ca), &[], false).unwrap();
+    let tls_addr = server.stream_addr(service::source::Wire::Tls);
+    let client = runtime.block_on(async {
+        let transport = service::transport::stream::connect_tls(tls_addr, "localhost", config)
+            .await
+            .expect("a TLS connection before the reload");
+        service::TimeServiceClient::new(service::transport::client::client_config(), transport)
+            .spawn()
+    });
+    let probe = |client: &service::TimeServiceClient| {
+        runtime.block_on(client.probe(tarpc::context::current(), Timestamp::EPOCH))
+    };
+    probe(&client).expect("served before the reload");
+
+    // A renewal for the wrong name: after SIGHUP, new handshakes get it.
+    std::fs::copy(&certs.wrong_name.cert, &cert).unwrap();
+    std::fs::copy(&certs.wrong_name.key, &key).unwrap();
+    let hangup = || {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGHUP) };
+    };
+    hangup();
+    let c = wait_for_status("cerv", &socket, |c| c["reloads"] == 1);
+    assert_eq!(c["reload_failures"], 0);
+    let out = one_shot();
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("elsewhere.example"),
+        "the new certificate: {}",
+        out.stderr
+    );
+    // The connection opened before goes on.
+    probe(&client).expect("still served after the reload");
+
+    // A half-written file: the reload fails, the pair in use stays.
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
+    hangup();
+    let c = wait_for_status("cerv", &socket, |c| c["reload_failures"] == 1);
+    assert_eq!(c["reloads"], 1);
+    let out = one_shot();
+    assert!(
+        out.stderr.contains("elsewhere.example"),
+        "still the last good one: {}",
+        out.stderr
+    );
+    std::fs::copy(&certs.good.cert, &cert).unwrap();
+    std::fs::copy(&certs.good.key, &key).unwrap();
+    hangup();
+    wait_for_status("cerv", &socket, |c| c["reloads"] == 2);
+    let out = one_shot();
+    assert_eq!(out.code(), Some(0), "back to the good one: {}", out.stderr);
+    probe(&client).expect("and the first connection still served");
+    let (status, log) = server.stop();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
+    assert!(log.contains("SIGHUP: reloaded"), "{log}");
+    assert!(log.contains("still using what was loaded before"), "{log}");
 }

@@ -155,3 +155,135 @@ fn systemd_analyze_security_rates_both_units_ok() {
         );
     }
 }
+
+/// What a service manager hears from `program` run with `args`: the
+/// notifications on a socket of our own, as systemd would pass it
+/// (`NOTIFY_SOCKET`, `WATCHDOG_USEC`); `script` acts on the process
+/// (signals) and says when enough has been heard.
+fn notifications(
+    program: &str,
+    args: &[&str],
+    script: impl Fn(u32, &[String]) -> bool,
+) -> (Vec<String>, Option<i32>) {
+    use std::os::unix::net::UnixDatagram;
+    let dir = TempDir::new("cerv-notify");
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut child = Command::new(bin(program))
+        .args(args)
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", "300000")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut heard = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut buf = [0u8; 4096];
+    let mut code = None;
+    loop {
+        if let Ok(n) = socket.recv(&mut buf) {
+            heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            code = status.code();
+            // What it said on its way out.
+            while let Ok(n) = socket.recv(&mut buf) {
+                heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        script(child.id(), &heard);
+    }
+    (heard, code)
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// Type=notify and the watchdog, as cerv speaks them: READY=1 once
+/// listening, WATCHDOG=1 at half the timeout, RELOADING=1 then READY=1 on
+/// SIGHUP, STOPPING=1 on SIGTERM.
+#[test]
+fn cerv_tells_systemd_ready_reloading_stopping_and_feeds_the_watchdog() {
+    let sent_hup = std::sync::atomic::AtomicBool::new(false);
+    let sent_term = std::sync::atomic::AtomicBool::new(false);
+    let (heard, code) = notifications("cerv", &["--listen", "127.0.0.1:0"], |pid, heard| {
+        use std::sync::atomic::Ordering::Relaxed;
+        let count = |what: &str| heard.iter().filter(|m| m.contains(what)).count();
+        if count("READY=1") >= 1 && count("WATCHDOG=1") >= 2 && !sent_hup.swap(true, Relaxed) {
+            signal(pid, libc::SIGHUP);
+        }
+        if count("RELOADING=1") >= 1 && count("READY=1") >= 2 && !sent_term.swap(true, Relaxed) {
+            signal(pid, libc::SIGTERM);
+        }
+        false
+    });
+    assert_eq!(code, Some(0), "{heard:?}");
+    let first = |what: &str| heard.iter().position(|m| m.contains(what));
+    let ready = first("READY=1").expect("READY=1");
+    let reloading = first("RELOADING=1").expect("RELOADING=1");
+    let stopping = first("STOPPING=1").expect("STOPPING=1");
+    assert!(ready < reloading && reloading < stopping, "{heard:?}");
+    assert!(
+        heard[reloading..stopping]
+            .iter()
+            .any(|m| m.contains("READY=1")),
+        "ready again after the reload: {heard:?}"
+    );
+    assert!(heard[reloading].contains("MONOTONIC_USEC="), "{heard:?}");
+    assert!(heard.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2);
+    assert!(
+        heard
+            .iter()
+            .any(|m| m.starts_with("STATUS=serving on 127.0.0.1:")),
+        "{heard:?}"
+    );
+}
+
+/// fient: READY=1 once watching, STATUS= with each round's result, the
+/// watchdog fed, STOPPING=1 on SIGTERM; SIGHUP does not kill it.
+#[test]
+fn fient_tells_systemd_its_state_and_survives_a_hangup() {
+    let server = lab::Cerv::start(&[]);
+    let sent_hup = std::sync::atomic::AtomicBool::new(false);
+    let sent_term = std::sync::atomic::AtomicBool::new(false);
+    let target = server.target();
+    let (heard, code) = notifications(
+        "fient",
+        &[&target, "--watch", "200ms", "--probes", "2"],
+        |pid, heard| {
+            use std::sync::atomic::Ordering::Relaxed;
+            let synced = heard.iter().filter(|m| m.contains("STATUS=synced")).count();
+            if synced >= 1 && !sent_hup.swap(true, Relaxed) {
+                signal(pid, libc::SIGHUP);
+            }
+            if synced >= 3 && !sent_term.swap(true, Relaxed) {
+                signal(pid, libc::SIGTERM);
+            }
+            false
+        },
+    );
+    assert_eq!(code, Some(0), "{heard:?}");
+    assert!(heard.iter().any(|m| m == "READY=1"), "{heard:?}");
+    assert!(heard.iter().any(|m| m.contains("WATCHDOG=1")), "{heard:?}");
+    assert!(heard.iter().any(|m| m.contains("STOPPING=1")), "{heard:?}");
+    let status = heard
+        .iter()
+        .find(|m| m.starts_with("STATUS=synced: offset "))
+        .expect("a STATUS line");
+    assert!(status.contains(" of 1 agree"), "{status}");
+}

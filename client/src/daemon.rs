@@ -375,12 +375,20 @@ impl Daemon {
                     answered: c.answered,
                     ..Tracking::default()
                 };
+                let _ = service::systemd::status(&format!(
+                    "synced: offset {:+} ± {}, {} of {} agree",
+                    c.offset,
+                    c.bound(),
+                    c.agreeing,
+                    c.answered
+                ));
                 inner.tracking = Some((tracking, now));
                 let snapshot = self.snapshot_for(c, applied, leap, next);
                 inner.last_snapshot = Some(snapshot);
                 self.publish(&snapshot);
             }
             None => {
+                let _ = service::systemd::status(&format!("{outcome}: running free"));
                 // Running free: what was published goes on aging, marked
                 // stale, and is kept alive for the next try.
                 if let Some(mut s) = inner.last_snapshot {
@@ -501,6 +509,43 @@ impl Daemon {
             next_poll_ns: inner.next_poll.as_nanos().min(u128::from(u64::MAX)) as u64,
             shm: self.plan.shm.clone(),
             drift_file: self.plan.drift_file.clone(),
+        }
+    }
+}
+
+impl Daemon {
+    /// The Prometheus view now: the same figures as [`status`](Self::status).
+    pub fn metrics(&self) -> service::metrics::FientMetrics {
+        use service::metrics::{CombinedMetrics, FientMetrics, SourceMetrics};
+        let s = self.status();
+        let secs = |ns: i64| ns as f64 / 1e9;
+        FientMetrics {
+            sources: s
+                .sources
+                .iter()
+                .map(|r| SourceMetrics {
+                    name: r.name.clone(),
+                    wire: r.wire.clone(),
+                    status: r.status.clone(),
+                    offset_seconds: r.offset_ns.map(secs),
+                    bound_seconds: r.bound_ns.map(secs),
+                    rtt_seconds: r.rtt_ns.map(secs),
+                    reachability: r.reach,
+                    stratum: r.stratum,
+                })
+                .collect(),
+            combined: s.tracking.as_ref().map(|t| CombinedMetrics {
+                offset_seconds: secs(t.offset_ns),
+                bound_seconds: secs(t.bound_now_ns),
+                agreeing: t.agreeing,
+                answered: t.answered,
+            }),
+            syncs: ["synced", "no_answer", "no_majority"]
+                .iter()
+                .map(|k| (k.to_string(), s.syncs.get(*k).copied().unwrap_or(0)))
+                .collect(),
+            last_sync_age: s.tracking.as_ref().map(|t| Duration::from_nanos(t.age_ns)),
+            frequency_ppm: s.tracking.as_ref().and_then(|t| t.frequency_ppm),
         }
     }
 }

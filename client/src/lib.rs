@@ -230,7 +230,48 @@ async fn watch_as_daemon(
             stopped(),
         )));
     }
-    let outcome = watch::run(plan, ensemble, &daemon, clock, polling, out, shutdown).await;
+    if let Some(at) = plan.daemon.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(at).await.map_err(|e| {
+            let exit = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                Exit::Permission
+            } else {
+                Exit::NoAnswer
+            };
+            Failure::new(exit, anyhow::anyhow!("cannot serve metrics on {at}: {e}"))
+        })?;
+        if let Ok(at) = listener.local_addr() {
+            tracing::info!("serving metrics on http://{at}/metrics");
+        }
+        let d = daemon.clone();
+        tasks.push(tokio::spawn(service::metrics::serve(
+            listener,
+            Arc::new(move || service::metrics::render_fient(&d.metrics())),
+            stopped(),
+        )));
+    }
+    // SIGHUP would end the process by default; fient has nothing to read
+    // again (its configuration is its command line), so it says so.
+    let mut hangups = service::signals::hangups();
+    let hangup_notes = async move {
+        if let Some(h) = hangups.as_mut() {
+            while h.recv().await.is_some() {
+                tracing::warn!(
+                    "SIGHUP: fient has nothing to reload; restart it to change its options"
+                );
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    let _ = service::systemd::ready();
+    let watching = watch::run(plan, ensemble, &daemon, clock, polling, out, async {
+        shutdown.await;
+        let _ = service::systemd::stopping();
+    });
+    let outcome = tokio::select! {
+        outcome = watching => outcome,
+        () = hangup_notes => Ok(()),
+        () = service::systemd::feed_watchdog() => Ok(()),
+    };
     daemon.stop();
     let _ = stop.send(true);
     for task in tasks {

@@ -207,6 +207,18 @@ pub enum BindError {
     },
 }
 
+impl BindError {
+    /// What binding `addr` failed with, by kind.
+    pub fn from_io(addr: SocketAddr, source: io::Error) -> BindError {
+        match source.kind() {
+            io::ErrorKind::AddrInUse => BindError::InUse { addr },
+            io::ErrorKind::PermissionDenied => BindError::PermissionDenied { addr },
+            io::ErrorKind::AddrNotAvailable => BindError::NotAvailable { addr },
+            _ => BindError::Other { addr, source },
+        }
+    }
+}
+
 /// A server running in a task of its own (see [`Server::spawn`]). Dropping
 /// it stops it too, without waiting.
 pub struct Running {
@@ -296,6 +308,24 @@ impl Monitor {
         }
     }
 
+    /// The Prometheus view now: the same counters as [`status`](Self::status).
+    pub fn metrics(&self) -> service::metrics::CervMetrics {
+        use service::metrics::ListenerMetrics;
+        service::metrics::CervMetrics {
+            uptime: self.started.elapsed(),
+            listeners: self
+                .faces
+                .iter()
+                .map(|(wire, addr, counters)| match counters {
+                    FaceCounters::Datagram(s) => {
+                        ListenerMetrics::datagram(wire, addr.to_string(), s)
+                    }
+                    FaceCounters::Stream(s) => ListenerMetrics::stream(wire, addr.to_string(), s),
+                })
+                .collect(),
+        }
+    }
+
     /// The status now.
     pub fn status(&self) -> service::control::ServerStatus {
         use std::collections::BTreeMap;
@@ -379,24 +409,14 @@ pub struct Server {
 async fn bind_udp(addr: SocketAddr) -> Result<tokio::net::UdpSocket, BindError> {
     tokio::net::UdpSocket::bind(addr)
         .await
-        .map_err(|source| match source.kind() {
-            io::ErrorKind::AddrInUse => BindError::InUse { addr },
-            io::ErrorKind::PermissionDenied => BindError::PermissionDenied { addr },
-            io::ErrorKind::AddrNotAvailable => BindError::NotAvailable { addr },
-            _ => BindError::Other { addr, source },
-        })
+        .map_err(|source| BindError::from_io(addr, source))
 }
 
 /// Binds a TCP listener, naming the address in the error.
 async fn bind_tcp(addr: SocketAddr) -> Result<tokio::net::TcpListener, BindError> {
     tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| match source.kind() {
-            io::ErrorKind::AddrInUse => BindError::InUse { addr },
-            io::ErrorKind::PermissionDenied => BindError::PermissionDenied { addr },
-            io::ErrorKind::AddrNotAvailable => BindError::NotAvailable { addr },
-            _ => BindError::Other { addr, source },
-        })
+        .map_err(|source| BindError::from_io(addr, source))
 }
 
 /// The clock's precision as NTP states it: log2 of the smallest step seen

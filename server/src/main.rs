@@ -183,6 +183,11 @@ struct Args {
     #[arg(long, value_name = "HOST")]
     nts_ntp_server: Option<String>,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (127.0.0.1:9123,
+    /// say).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
+
     /// Answer `cerv status` on this Unix socket (/run/cerv/cerv.sock under
     /// systemd).
     #[arg(long, value_name = "PATH")]
@@ -300,7 +305,28 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn config_from(args: &Args) -> Result<Config, Failure> {
+/// What SIGHUP reads again: the TLS certificate and key, the key file.
+#[derive(Default)]
+struct Reloadable {
+    cert: Option<std::sync::Arc<service::tls::CertStore>>,
+}
+
+impl Reloadable {
+    /// Reads every file again; what fails keeps what was in use. Returns
+    /// the errors, one line each.
+    fn reload(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if let Some(cert) = &self.cert {
+            match cert.reload() {
+                Ok(()) => info!("reloaded the certificate '{}'", cert.cert_path().display()),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        errors
+    }
+}
+
+fn config_from(args: &Args) -> Result<(Config, Reloadable), Failure> {
     let listen = resolve(&args.listen, "--listen").map_err(Failure::usage)?;
     let resolve_all = |addrs: &[String], flag: &str| {
         addrs
@@ -312,11 +338,12 @@ fn config_from(args: &Args) -> Result<Config, Failure> {
     let ntp_listen = resolve_all(&args.ntp_listen, "--ntp-listen")?;
     let tcp_listen = resolve_all(&args.tcp_listen, "--tcp-listen")?;
     let tls_listen = resolve_all(&args.tls_listen, "--tls-listen")?;
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(
-            service::tls::server_config(cert, key, &[], false)
-                .map_err(|e| Failure::usage(e.into()))?,
-        ),
+    // One certificate store for TLS and NTS-KE alike: a reload swaps it
+    // for both.
+    let cert = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(service::tls::CertStore::load(cert, key).map_err(|e| Failure::usage(e.into()))?)
+        }
         (None, None) => None,
         _ => {
             return Err(Failure::usage(anyhow::anyhow!(
@@ -324,10 +351,17 @@ fn config_from(args: &Args) -> Result<Config, Failure> {
             )));
         }
     };
+    let tls = match &cert {
+        Some(store) => Some(
+            service::tls::server_config_from(store.clone(), &[], false)
+                .map_err(|e| Failure::usage(e.into()))?,
+        ),
+        None => None,
+    };
     let nts_ke_listen = resolve_all(&args.nts_ke_listen, "--nts-ke-listen")?;
-    let nts_tls = match (&args.tls_cert, &args.tls_key, nts_ke_listen.is_empty()) {
-        (Some(cert), Some(key), false) => Some(
-            service::tls::server_config(cert, key, &[service::nts::ke::ALPN], true)
+    let nts_tls = match (&cert, nts_ke_listen.is_empty()) {
+        (Some(store), false) => Some(
+            service::tls::server_config_from(store.clone(), &[service::nts::ke::ALPN], true)
                 .map_err(|e| Failure::usage(e.into()))?,
         ),
         _ => None,
@@ -383,7 +417,10 @@ fn config_from(args: &Args) -> Result<Config, Failure> {
             "invalid --max-peers '0': must be at least 1"
         )));
     }
-    Ok(Config {
+    if let Some(m) = &args.metrics_listen {
+        resolve(m, "--metrics-listen").map_err(Failure::usage)?;
+    }
+    let config = Config {
         listen,
         offset: args.offset,
         processing_delay,
@@ -429,7 +466,8 @@ fn config_from(args: &Args) -> Result<Config, Failure> {
             shutdown_grace: Duration::from_secs(2),
             stats_interval,
         },
-    })
+    };
+    Ok((config, Reloadable { cert }))
 }
 
 fn non_negative_duration(d: Nanos, what: &str) -> Result<Duration, Failure> {
@@ -450,7 +488,7 @@ fn resolve(addr: &str, flag: &str) -> anyhow::Result<SocketAddr> {
 }
 
 fn run(args: Args) -> Result<(), Failure> {
-    let config = config_from(&args)?;
+    let (config, reloadable) = config_from(&args)?;
     let mut builder = if args.threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -467,6 +505,7 @@ fn run(args: Args) -> Result<(), Failure> {
         .map_err(|error| Failure { code: 1, error })?;
     runtime.block_on(async {
         let shutdown = shutdown_signal();
+        let mut hangups = service::signals::hangups();
         let server = Server::bind(config.clone()).await?;
         let addr = server.local_addr().map_err(|e| Failure {
             code: 1,
@@ -521,14 +560,67 @@ fn run(args: Args) -> Result<(), Failure> {
                 )))
             }
         };
+        let metrics = match &args.metrics_listen {
+            None => None,
+            Some(m) => {
+                let at = resolve(m, "--metrics-listen").map_err(Failure::usage)?;
+                let listener = tokio::net::TcpListener::bind(at)
+                    .await
+                    .map_err(|source| Failure::from(BindError::from_io(at, source)))?;
+                let at = listener.local_addr().unwrap_or(at);
+                info!("serving metrics on http://{at}/metrics");
+                let monitor = monitor.clone();
+                let mut stopped = stopped.clone();
+                Some(tokio::spawn(service::metrics::serve(
+                    listener,
+                    std::sync::Arc::new(move || service::metrics::render_cerv(&monitor.metrics())),
+                    async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    },
+                )))
+            }
+        };
+        // SIGHUP: read the certificate (and key files) again; clients
+        // stay connected, handshakes from now on use the new files.
+        let reload = {
+            let monitor = monitor.clone();
+            async move {
+                let Some(hangups) = hangups.as_mut() else {
+                    return std::future::pending().await;
+                };
+                while hangups.recv().await.is_some() {
+                    let _ = service::systemd::reloading();
+                    let errors = reloadable.reload();
+                    monitor.reloaded(errors.is_empty());
+                    if errors.is_empty() {
+                        info!("SIGHUP: reloaded");
+                    }
+                    for e in errors {
+                        tracing::error!("SIGHUP: {e}; still using what was loaded before");
+                    }
+                    let _ = service::systemd::ready();
+                }
+                std::future::pending().await
+            }
+        };
         info!(
             offset = %config.offset,
             processing_delay = ?config.processing_delay,
             "listening on {addr}"
         );
-        server.run(shutdown).await;
+        let _ = service::systemd::ready();
+        let _ = service::systemd::status(&format!("serving on {addr}"));
+        tokio::select! {
+            _ = server.run(async {
+                shutdown.await;
+                let _ = service::systemd::stopping();
+            }) => {}
+            // Neither ends by itself.
+            () = reload => {}
+            () = service::systemd::feed_watchdog() => {}
+        }
         let _ = stop.send(true);
-        if let Some(task) = control {
+        for task in [control, metrics].into_iter().flatten() {
             let _ = task.await;
         }
         Ok(())

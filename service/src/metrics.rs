@@ -195,11 +195,11 @@ pub struct FientMetrics {
     /// The combined answer of the last round, when a majority agreed.
     pub combined: Option<CombinedMetrics>,
     /// Syncs (rounds) so far, by outcome (`synced`, `no_majority`, ...).
-    pub syncs: Vec<(&'static str, u64)>,
+    pub syncs: Vec<(String, u64)>,
     /// How long ago the last successful sync was.
     pub last_sync_age: Option<Duration>,
     /// The local clock's frequency error as estimated, parts per million
-    /// (positive: it runs slow).
+    /// (positive: it runs fast).
     pub frequency_ppm: Option<f64>,
 }
 
@@ -210,10 +210,10 @@ pub struct SourceMetrics {
     /// `source` label.
     pub name: String,
     /// Its wire: `cerv`, `ntp`, `tcp`, `tls` or `nts`.
-    pub wire: &'static str,
+    pub wire: String,
     /// How it fared ([`crate::ensemble::Status::name`]: `selected`,
     /// `falseticker`, `no_answer`, ...).
-    pub status: &'static str,
+    pub status: String,
     /// Its offset, server minus local, seconds.
     pub offset_seconds: Option<f64>,
     /// The farthest the truth can be from that offset, seconds.
@@ -671,13 +671,13 @@ pub fn render_fient(m: &FientMetrics) -> String {
     single(
         &mut out,
         "fient_frequency_ppm",
-        "The local clock's frequency error as estimated, parts per million (positive: it runs slow).",
+        "The local clock's frequency error as estimated, parts per million (positive: it runs fast).",
         m.frequency_ppm.map(Value::Float),
     );
 
     let mut syncs = Family::new("fient_syncs_total", Kind::Counter, "Syncs, by outcome.");
-    for &(outcome, n) in &m.syncs {
-        syncs.push(vec![("outcome", identifier(outcome))], Value::Int(n));
+    for (outcome, n) in &m.syncs {
+        syncs.push(vec![("outcome", identifier(outcome))], Value::Int(*n));
     }
     syncs.write(&mut out);
 
@@ -987,7 +987,7 @@ mod tests {
             uptime: Duration::from_millis(12_500),
             listeners: vec![
                 ListenerMetrics {
-                    wire: "ntp",
+                    wire: "ntp".into(),
                     addr: "127.0.0.1:123".into(),
                     received: 10,
                     replied: 7,
@@ -998,7 +998,7 @@ mod tests {
                     ..ListenerMetrics::default()
                 },
                 ListenerMetrics {
-                    wire: "tls",
+                    wire: "tls".into(),
                     addr: "[::1]:8443".into(),
                     received: 4,
                     replied: 4,
@@ -1087,8 +1087,8 @@ mod tests {
         let m = FientMetrics {
             sources: vec![SourceMetrics {
                 name: "odd \"name\" \\ with\nnewline".into(),
-                wire: "ntp",
-                status: "selected",
+                wire: "ntp".into(),
+                status: "selected".into(),
                 reachability: 0b1011,
                 ..SourceMetrics::default()
             }],
@@ -1110,8 +1110,8 @@ mod tests {
             sources: vec![
                 SourceMetrics {
                     name: "ntp://a".into(),
-                    wire: "ntp",
-                    status: "selected",
+                    wire: "ntp".into(),
+                    status: "selected".into(),
                     offset_seconds: Some(0.0015),
                     bound_seconds: Some(2.5e-7),
                     rtt_seconds: Some(0.004),
@@ -1120,13 +1120,13 @@ mod tests {
                 },
                 SourceMetrics {
                     name: "cerv://b".into(),
-                    wire: "cerv",
-                    status: "no_answer",
+                    wire: "cerv".into(),
+                    status: "no_answer".into(),
                     ..SourceMetrics::default()
                 },
             ],
             combined: None,
-            syncs: vec![("synced", 9), ("no majority", 1)],
+            syncs: vec![("synced".into(), 9), ("no majority".into(), 1)],
             last_sync_age: Some(Duration::from_secs(64)),
             frequency_ppm: Some(-12.25),
         };

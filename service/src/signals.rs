@@ -27,3 +27,10 @@ pub fn on_signal() -> impl Future<Output = &'static str> {
         }
     }
 }
+
+/// A stream of SIGHUPs (the conventional "reload"), or `None` if the
+/// handler cannot be installed. Installing it also keeps SIGHUP from
+/// killing the process, its default. Must be called inside a Tokio runtime.
+pub fn hangups() -> Option<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}

@@ -106,6 +106,24 @@ pub fn watchdog_interval() -> Option<Duration> {
     )
 }
 
+/// Pings the watchdog at half its timeout; never returns (and does
+/// nothing when there is no watchdog). Run it on the runtime that does the
+/// work: if that runtime stalls, the pings stop and systemd restarts the
+/// service.
+pub async fn feed_watchdog() {
+    let Some(timeout) = watchdog_interval() else {
+        return std::future::pending().await;
+    };
+    let mut every = tokio::time::interval(timeout / 2);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if let Err(e) = watchdog() {
+            tracing::debug!("cannot ping the systemd watchdog: {e}");
+        }
+    }
+}
+
 fn watchdog_from(usec: Option<&str>, pid: Option<&str>, ours: u32) -> Option<Duration> {
     let for_us = match pid {
         None => true,
