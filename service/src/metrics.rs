@@ -987,7 +987,7 @@ mod tests {
             uptime: Duration::from_millis(12_500),
             listeners: vec![
                 ListenerMetrics {
-                    wire: "ntp".into(),
+                    wire: "ntp",
                     addr: "127.0.0.1:123".into(),
                     received: 10,
                     replied: 7,
@@ -998,7 +998,7 @@ mod tests {
                     ..ListenerMetrics::default()
                 },
                 ListenerMetrics {
-                    wire: "tls".into(),
+                    wire: "tls",
                     addr: "[::1]:8443".into(),
                     received: 4,
                     replied: 4,
