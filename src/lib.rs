@@ -25,6 +25,7 @@ pub mod peers;
 pub mod plot;
 pub mod relay;
 pub mod scenario;
+pub mod several;
 pub mod tamper;
 
 pub use harness::{Cerv, Finished, bin, fient, json, run, without_clock_privilege};

@@ -13,6 +13,7 @@
 //! ```text
 //! cargo run --release --bin lab -- --runs 20
 //! cargo run --release --bin lab -- --runs 100 --scenario lan --scenario sym --scenario asym --wires udp,tcp,tls
+//! cargo run --release --bin lab -- --several --runs 50
 //! ```
 
 use clap::Parser;
@@ -47,6 +48,11 @@ struct Args {
     /// and jitter: lan, sym, asym).
     #[arg(long, value_delimiter = ',', default_value = "udp", value_parser = parse_wire)]
     wires: Vec<Wire>,
+    /// Instead of the scenarios: four NTP servers (two direct, one behind
+    /// the jitter path, one lying by 1 s), fient with each --combine and
+    /// chronyd -Q given the same four.
+    #[arg(long)]
+    several: bool,
     /// Write every fient JSON document, one per line, to OUT/runs.jsonl.
     #[arg(long)]
     dump: bool,
@@ -102,6 +108,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     std::fs::create_dir_all(&args.out)?;
     let fient_args: Vec<&str> = args.fient_args.iter().map(String::as_str).collect();
+    if args.several {
+        eprintln!(
+            "several: 4 NTP servers, one lying by {}, one behind 2 ms ± 1.5 ms ({} runs)",
+            lab::several::LIE,
+            args.runs
+        );
+        let rows = lab::several::measure(args.runs, args.seed, &fient_args)?;
+        println!("{}", lab::several::HEADER);
+        for r in rows {
+            println!("{}", r.markdown());
+        }
+        return Ok(());
+    }
     let mut dump = if args.dump {
         Some(std::fs::File::create(args.out.join("runs.jsonl"))?)
     } else {
