@@ -359,3 +359,37 @@ fn the_daemons_serve_metrics_that_promtool_accepts() {
     }
     assert!(sample(&page, "cerv_uptime_seconds").unwrap() > 0.0);
 }
+
+/// The Prometheus configuration and alert rules under deploy/ pass
+/// promtool, and the rules name only metrics the daemons export.
+#[test]
+fn promtool_accepts_the_example_prometheus_config() {
+    let Some(promtool) = Peer::Promtool.require("promtool_accepts_the_example_prometheus_config")
+    else {
+        return;
+    };
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let out = lab::run(
+        Command::new(&promtool)
+            .args(["check", "config"])
+            .arg(deploy.join("prometheus.yml")),
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("4 rules found"), "{}", out.stdout);
+    let rules = std::fs::read_to_string(deploy.join("fient-alerts.yml")).unwrap();
+    let exported = format!(
+        "{}{}",
+        metrics::render_cerv(&cerv()),
+        metrics::render_fient(&fient())
+    );
+    for name in rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("fient_") || w.starts_with("cerv_"))
+    {
+        assert!(
+            exported.contains(&format!("# TYPE {name} ")),
+            "the rules use {name}, which is not exported"
+        );
+    }
+}

@@ -4,8 +4,8 @@
 //! ```text
 //! Reference       : ntp://127.0.0.1:123, 127.0.0.1:8081 (2 of 3 agree)
 //! Last update     : 2026-11-25T17:10:03.512Z (3.2s ago)
-//! Offset          : +12.345µs ± 4.2µs (± 4.5µs now)
-//! Frequency       : +41.203 ppm ± 0.050 (this clock runs fast; filter)
+//! Offset          : +12.345µs ± 4.200µs (± 4.520µs now, widening 100 ppm)
+//! Frequency       : +41.203 ppm ± 0.050 (this clock runs fast; from the filter)
 //! ...
 //! SOURCE                    WIRE  STATUS        REACH  OFFSET      ± BOUND     RTT        LAST
 //! ntp://127.0.0.1:123       ntp   selected      377    +12.301µs   4.2µs       61.0µs     3.2s
@@ -18,7 +18,7 @@ use std::io::{self, Write};
 /// Writes the tracking view and the sources table.
 pub fn write_human(out: &mut dyn Write, s: &ClientStatus) -> io::Result<()> {
     let ns = |n: i64| format!("{}", Nanos::from_nanos(n));
-    let signed = |n: i64| format!("{:+}", Nanos::from_nanos(n));
+    let signed = |n: i64| format!("{:+#}", Nanos::from_nanos(n));
     writeln!(
         out,
         "fient {} (pid {}), up {}, {}",
@@ -56,16 +56,22 @@ pub fn write_human(out: &mut dyn Write, s: &ClientStatus) -> io::Result<()> {
                 t.max_drift_ppm
             )?;
             match (t.frequency_ppm, t.frequency_uncertainty_ppm) {
-                (Some(f), u) => writeln!(
-                    out,
-                    "Frequency       : {f:+.3} ppm ± {:.3} (this clock runs {}; from the {})",
-                    u.unwrap_or(0.0),
-                    if f >= 0.0 { "fast" } else { "slow" },
-                    t.frequency_from
-                        .as_deref()
-                        .unwrap_or("filter")
-                        .replace('_', " ")
-                )?,
+                (Some(f), u) => {
+                    let u = u.unwrap_or(0.0);
+                    let runs = if f.abs() <= u {
+                        "this clock's rate is right within that"
+                    } else if f > 0.0 {
+                        "this clock runs fast"
+                    } else {
+                        "this clock runs slow"
+                    };
+                    let from = t.frequency_from.as_deref().unwrap_or("filter");
+                    writeln!(
+                        out,
+                        "Frequency       : {f:+.3} ppm ± {u:.3} ({runs}; from the {})",
+                        from.replace('_', " ")
+                    )?
+                }
                 (None, _) => writeln!(out, "Frequency       : measuring")?,
             }
             if let Some(c) = t.frequency_correction_ppm {
@@ -104,14 +110,14 @@ pub fn write_human(out: &mut dyn Write, s: &ClientStatus) -> io::Result<()> {
         .max(6);
     writeln!(
         out,
-        "{:<width$}  {:<4}  {:<14}  {:>5}  {:>12}  {:>10}  {:>10}  {:>7}",
+        "{:<width$}  {:<4}  {:<14}  {:>5}  {:>14}  {:>10}  {:>10}  {:>7}",
         "SOURCE", "WIRE", "STATUS", "REACH", "OFFSET", "± BOUND", "RTT", "LAST"
     )?;
     for r in &s.sources {
         let dash = || "-".to_string();
         writeln!(
             out,
-            "{:<width$}  {:<4}  {:<14}  {:>5o}  {:>12}  {:>10}  {:>10}  {:>7}",
+            "{:<width$}  {:<4}  {:<14}  {:>5o}  {:>14}  {:>10}  {:>10}  {:>7}",
             r.name,
             r.wire,
             r.status.replace('_', " "),
