@@ -242,3 +242,59 @@ async fn a_server_step_is_followed_within_five_polls() {
         wrong.len()
     );
 }
+
+/// The drift file: a disciplined watch writes the clock's frequency error
+/// there, and the next one (a restart) sets the correction from it before
+/// its first sync, instead of learning the crystal again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_starts_from_the_drift_file() {
+    let server = serve("127.0.0.1:0".parse().unwrap()).await;
+    let addr = server.addr.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let drift = dir.path().join("drift");
+    let args = |count: &'static str| {
+        plan(&[
+            &addr,
+            "--watch",
+            "100ms",
+            "--count",
+            count,
+            "--slew",
+            "--json",
+            "--drift-file",
+            drift.to_str().unwrap(),
+        ])
+    };
+    // 150 ppm fast, no drift file yet: learnt over the syncs, written down.
+    let first = Arc::new(SimulatedClock::new(SystemClock, Nanos::ZERO, 150_000));
+    client::run(
+        &args("30"),
+        first.clone(),
+        &mut Vec::new(),
+        std::future::pending(),
+    )
+    .await
+    .expect("first watch");
+    let text = std::fs::read_to_string(&drift).expect("the drift file was written");
+    let saved: f64 = text.split_whitespace().next().unwrap().parse().unwrap();
+    assert!((saved - 150.0).abs() < 5.0, "{text}");
+
+    // The same crystal after a restart: corrected from the first sync on.
+    let second = Arc::new(SimulatedClock::new(SystemClock, Nanos::ZERO, 150_000));
+    assert_eq!(second.frequency().unwrap(), 0);
+    client::run(
+        &args("1"),
+        second.clone(),
+        &mut Vec::new(),
+        std::future::pending(),
+    )
+    .await
+    .expect("second watch");
+    let set = second.frequency().unwrap();
+    assert_eq!(set, -(saved * 1e3).round() as i64, "set from the file");
+    assert!(
+        second.rate_error_ppb().abs() < 5_000,
+        "runs right at once: {} ppb",
+        second.rate_error_ppb()
+    );
+}
