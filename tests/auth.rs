@@ -123,3 +123,55 @@ fn a_key_file_others_can_read_is_warned_about() {
     );
     assert!(server.log().contains("readable by other users"));
 }
+
+/// SIGHUP reads the key file again: a key taken out stops working, the one
+/// put in works, over UDP and TCP alike, and a file that does not load
+/// keeps the keys in force.
+#[test]
+fn a_hangup_rereads_the_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = key_file(&dir, "old.keys", 1);
+    let new = key_file(&dir, "new.keys", 2);
+    let served = dir.path().join("served.keys");
+    std::fs::copy(&old, &served).unwrap();
+    let server = Cerv::start(&[
+        "--key-file",
+        served.to_str().unwrap(),
+        "--tcp-listen",
+        "127.0.0.1:0",
+    ]);
+    let targets = [server.target(), server.tcp_target()];
+    let syncs = |key: &str| {
+        targets
+            .iter()
+            .map(|t| fient(&[t, "--key-file", key, "--timeout", "300ms"]).code() == Some(0))
+            .collect::<Vec<_>>()
+    };
+    let hangup = || {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGHUP) };
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(syncs(&old), [true, true]);
+    assert_eq!(syncs(&new), [false, false]);
+
+    std::fs::copy(&new, &served).unwrap();
+    hangup();
+    assert_eq!(syncs(&new), [true, true], "the new key works after SIGHUP");
+    assert_eq!(syncs(&old), [false, false], "the old one no longer does");
+
+    std::fs::write(&served, "2 not-hex\n").unwrap();
+    hangup();
+    assert_eq!(
+        syncs(&new),
+        [true, true],
+        "a bad file keeps the keys in force"
+    );
+    let (status, log) = server.stop();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
+    assert!(log.contains("reloaded the key file"), "{log}");
+    assert!(
+        log.contains("line 1: secret must be 64 hex digits"),
+        "{log}"
+    );
+}

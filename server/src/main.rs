@@ -309,6 +309,7 @@ fn init_logging(format: LogFormat) {
 #[derive(Default)]
 struct Reloadable {
     cert: Option<std::sync::Arc<service::tls::CertStore>>,
+    keys: Option<std::sync::Arc<service::auth::KeyRing>>,
 }
 
 impl Reloadable {
@@ -319,6 +320,18 @@ impl Reloadable {
         if let Some(cert) = &self.cert {
             match cert.reload() {
                 Ok(()) => info!("reloaded the certificate '{}'", cert.cert_path().display()),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if let Some(keys) = &self.keys {
+            match keys.reload() {
+                Ok(()) => info!(
+                    keys = keys.current().len(),
+                    "reloaded the key file '{}'",
+                    keys.path()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                ),
                 Err(e) => errors.push(e.to_string()),
             }
         }
@@ -401,7 +414,7 @@ fn config_from(args: &Args) -> Result<(Config, Reloadable), Failure> {
     let keys = match &args.key_file {
         None => None,
         Some(path) => {
-            let keys = service::auth::Keys::load(path).map_err(|e| Failure::usage(e.into()))?;
+            let keys = service::auth::KeyRing::load(path).map_err(|e| Failure::usage(e.into()))?;
             if service::auth::readable_by_others(path) {
                 tracing::warn!(
                     "key file '{}' is readable by other users; chmod 600 it",
@@ -412,6 +425,7 @@ fn config_from(args: &Args) -> Result<(Config, Reloadable), Failure> {
         }
     };
     let tcp_keys = keys.clone();
+    let reload_keys = keys.clone();
     if args.max_peers == 0 {
         return Err(Failure::usage(anyhow::anyhow!(
             "invalid --max-peers '0': must be at least 1"
@@ -467,7 +481,13 @@ fn config_from(args: &Args) -> Result<(Config, Reloadable), Failure> {
             stats_interval,
         },
     };
-    Ok((config, Reloadable { cert }))
+    Ok((
+        config,
+        Reloadable {
+            cert,
+            keys: reload_keys,
+        },
+    ))
 }
 
 fn non_negative_duration(d: Nanos, what: &str) -> Result<Duration, Failure> {

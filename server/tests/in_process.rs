@@ -386,7 +386,7 @@ fn check_burst_reply(bytes: &[u8], ts1: impl Fn(u64) -> Timestamp) {
 fn keyed(config: Config, key: &Key) -> Config {
     Config {
         transport: ServerConfig {
-            keys: Some(Arc::new(Keys::single(key.clone()))),
+            keys: Some(Arc::new(Keys::single(key.clone()).into())),
             ..config.transport
         },
         ..config

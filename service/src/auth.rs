@@ -193,6 +193,58 @@ impl Keys {
     }
 }
 
+/// A server's keys, re-readable while it serves (SIGHUP): each batch of
+/// requests takes the set in force with [`current`](KeyRing::current); a
+/// [`reload`](KeyRing::reload) that fails keeps it.
+#[derive(Debug)]
+pub struct KeyRing {
+    path: Option<std::path::PathBuf>,
+    current: std::sync::RwLock<std::sync::Arc<Keys>>,
+}
+
+impl KeyRing {
+    /// Reads a key file, to be read again on [`reload`](Self::reload).
+    pub fn load(path: &Path) -> Result<KeyRing, KeyFileError> {
+        Ok(KeyRing {
+            current: std::sync::RwLock::new(std::sync::Arc::new(Keys::load(path)?)),
+            path: Some(path.to_owned()),
+        })
+    }
+
+    /// The keys in force.
+    pub fn current(&self) -> std::sync::Arc<Keys> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Reads the file again; on any error the keys in force stay. Keys
+    /// given in code, not from a file, stay as they are.
+    pub fn reload(&self) -> Result<(), KeyFileError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let fresh = std::sync::Arc::new(Keys::load(path)?);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// The file, if the keys came from one.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+}
+
+impl From<Keys> for KeyRing {
+    fn from(keys: Keys) -> KeyRing {
+        KeyRing {
+            path: None,
+            current: std::sync::RwLock::new(std::sync::Arc::new(keys)),
+        }
+    }
+}
+
 /// Whether other users can read the file: its secrets are the whole of the
 /// authentication, so the programs warn when they can.
 pub fn readable_by_others(path: &Path) -> bool {

@@ -40,7 +40,7 @@ use super::face::{self, Decoded, Face, Inbound, NtpState, NtsReply, ReplyAs};
 use super::limit::{DEFAULT_SLOTS, Limiter, RateLimit};
 use super::socket::{Stamping, enable_timestamps};
 use super::{Counter, is_transient};
-use crate::auth::Keys;
+use crate::auth::{KeyRing, Keys};
 use crate::clock::Clock;
 use crate::ntp::{self, RefId};
 use crate::rpc::{TimeServiceRequest, TimeServiceResponse};
@@ -84,7 +84,7 @@ pub struct ServerConfig {
     pub stamping: Stamping,
     /// With keys, only datagrams tagged with one of them are accepted, and
     /// replies are tagged with the request's key, bound to the request.
-    pub keys: Option<Arc<Keys>>,
+    pub keys: Option<Arc<KeyRing>>,
     /// How fast one source address may send.
     pub rate_limit: RateLimit,
     /// How often the counters are logged (when they changed); zero: never,
@@ -489,7 +489,7 @@ async fn write_replies(
     outbox: Arc<Outbox>,
     clock: Arc<dyn Clock>,
     stats: Arc<ServerStats>,
-    keys: Option<Arc<Keys>>,
+    keys: Option<Arc<KeyRing>>,
     face: Face,
 ) {
     let fd = socket.as_raw_fd();
@@ -509,14 +509,16 @@ async fn write_replies(
             outbox.ready.notified().await;
             continue;
         }
-        // One reading for the whole batch, taken just before it leaves.
+        // One reading for the whole batch, taken just before it leaves;
+        // the keys in force for the whole batch too.
         let now = clock.now();
+        let keys_now = keys.as_ref().map(|k| k.current());
         batch.clear();
         for out in taken.drain(..) {
             let to = out.to;
             match out.reply_as {
                 ReplyAs::Cerv(auth) => {
-                    let auth = auth.zip(keys.as_deref());
+                    let auth = auth.zip(keys_now.as_deref());
                     batch.push(to, |buf| encode_cerv(out, now, auth, buf, &stats));
                 }
                 ReplyAs::Ntp(request) => {
@@ -1074,8 +1076,10 @@ impl UdpServer {
                 received = self.socket.async_io(Interest::READABLE, || batch.recv(fd)) => {
                     match received {
                         Ok(_) => {
-                            // One clock reading per batch for the limiter.
+                            // One clock reading per batch for the limiter,
+                            // and the keys in force (a reload swaps them).
                             let now = started.elapsed().as_nanos() as u64;
+                            let keys_now = self.config.keys.as_ref().map(|k| k.current());
                             for (bytes, arrival) in batch.iter() {
                                 self.stats.received.incr();
                                 if let Some(from) = arrival.from
@@ -1101,7 +1105,7 @@ impl UdpServer {
                                     &face,
                                     &self.stats,
                                     &*self.clock,
-                                    self.config.keys.as_deref(),
+                                    keys_now.as_deref(),
                                     bytes,
                                     arrival,
                                     &mut next_id,

@@ -25,7 +25,7 @@ use super::limit::{Limiter, RateLimit};
 use super::server::HandlerFuture;
 use super::socket::Stamping;
 use super::stream::{Framer, MAX_FRAME, PREFIX, StampCell, StampedTcp, frame};
-use crate::auth::Keys;
+use crate::auth::KeyRing;
 use crate::clock::Clock;
 use crate::nts::ke;
 use crate::rpc::{TimeServiceRequest, TimeServiceResponse};
@@ -61,7 +61,7 @@ pub struct TcpConfig {
     /// Where ts2 comes from.
     pub stamping: Stamping,
     /// With keys, only requests tagged with one of them are served.
-    pub keys: Option<Arc<Keys>>,
+    pub keys: Option<Arc<KeyRing>>,
     /// TLS, when this listener speaks it.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// How long shutdown waits for connections to finish.
@@ -491,6 +491,8 @@ impl Connection {
                 Some(t) => self.clock.at_system_time(t),
                 None => self.clock.now(),
             };
+            // The keys in force for this request and its reply.
+            let keys = keys.as_ref().map(|k| k.current());
             let (id, deadline, call, auth) = match wire::decode_client(&message, keys.as_deref()) {
                 Ok((ClientFrame::Request { id, deadline, call }, auth)) => {
                     (id, deadline, call, auth)
