@@ -34,14 +34,17 @@ pub const DRIFT_PPM: f64 = 50.0;
 pub const WANDER_PPM_PER_SQRT_S: f64 = 0.01;
 /// The step test's jump: the second server's offset minus the first's.
 pub const STEP_NS: i64 = 10_000_000;
-/// A step is followed once |error| is under twice the median before it,
-/// and never asked to be under this.
-pub const FOLLOW_FLOOR_NS: i64 = 10_000;
+/// A step is followed once the error is back within twice its usual
+/// spread of where it sat before the step, and never asked to be closer
+/// than this, 1 % of the step: two cervs on the same path can differ by a
+/// few tens of microseconds (seen on `sym`), and how closely the estimate
+/// then settles is what convergence measures, not the step test.
+pub const FOLLOW_FLOOR_NS: i64 = STEP_NS / 100;
 /// How long a watch may take to stop after SIGTERM before it is killed.
 const GRACE: Duration = Duration::from_secs(10);
 
 /// How long to watch, and how often fient syncs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct WatchPlan {
     /// The whole run.
     pub duration: Duration,
@@ -49,6 +52,8 @@ pub struct WatchPlan {
     pub interval: Duration,
     /// Seed of the relay (and of the drifting clock's wander).
     pub seed: u64,
+    /// More arguments for fient, after the watch's own.
+    pub fient_extra: Vec<String>,
 }
 
 impl WatchPlan {
@@ -58,13 +63,15 @@ impl WatchPlan {
     fn fient_args(&self) -> Vec<String> {
         let most = self.duration.as_secs_f64() / (0.9 * self.interval.as_secs_f64());
         let interval = Nanos::try_from_i128(self.interval.as_nanos() as i128).unwrap_or(Nanos::MAX);
-        vec![
+        let mut args = vec![
             "--watch".into(),
             format!("{interval:#}"),
             "--json".into(),
             "--count".into(),
             (most.ceil() as u64 + 2).to_string(),
-        ]
+        ];
+        args.extend(self.fient_extra.iter().cloned());
+        args
     }
 }
 
@@ -167,6 +174,8 @@ pub struct WatchRun {
     pub step_at: Option<f64>,
     /// How the process ended, and what it wrote.
     pub finished: Finished,
+    /// What the relay and cerv counted, for runs that went wrong.
+    pub notes: Vec<String>,
 }
 
 impl WatchRun {
@@ -219,6 +228,52 @@ fn seconds(since: Timestamp, at: Timestamp) -> f64 {
     at.diff_i128(since) as f64 / 1e9
 }
 
+/// The relay's counters, one line.
+fn relay_note(relay: &Relay) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = relay.stats();
+    let d = |d: &crate::relay::DirectionStats| {
+        format!(
+            "received {}, sent {}, lost {}, duplicated {}, reordered {}, latest send {} µs late",
+            d.received.load(Relaxed),
+            d.sent.load(Relaxed),
+            d.lost.load(Relaxed),
+            d.duplicated.load(Relaxed),
+            d.reordered.load(Relaxed),
+            d.max_late_ns.load(Relaxed) / 1_000,
+        )
+    };
+    format!(
+        "relay to {}: to the server {}; to the client {}",
+        relay.server(),
+        d(&s.to_server),
+        d(&s.to_client)
+    )
+}
+
+/// Stops cerv and keeps how it ended, when it was told to (a signal from
+/// someone else shows as a second one), its final counters and any
+/// warning, one per line.
+fn cerv_notes(cerv: Cerv) -> Vec<String> {
+    let addr = cerv.addr;
+    let pid = cerv.pid();
+    let asked = SystemClock.now();
+    let (status, log) = cerv.stop();
+    let mut notes = vec![format!(
+        "cerv {addr} (pid {pid}) asked to stop at {asked}, ended with {status:?}"
+    )];
+    notes.extend(
+        log.lines()
+            .filter(|l| {
+                ["WARN", "ERROR", "server stopped", "shutting down"]
+                    .iter()
+                    .any(|k| l.contains(k))
+            })
+            .map(|l| format!("cerv {addr}: {l}")),
+    );
+    notes
+}
+
 /// `fient SERVER --watch INTERVAL --json` through the relay for `scenario`
 /// against a fresh `cerv --offset +250ms --rate-limit 0`.
 pub fn watch_scenario(scenario: &Scenario, plan: &WatchPlan) -> WatchRun {
@@ -232,8 +287,9 @@ pub fn watch_scenario(scenario: &Scenario, plan: &WatchPlan) -> WatchRun {
         plan,
         || None,
     );
+    let mut notes: Vec<String> = relay.iter().map(relay_note).collect();
     drop(relay);
-    drop(cerv);
+    notes.extend(cerv_notes(cerv));
     WatchRun {
         name: scenario.name.to_string(),
         about: scenario.about.to_string(),
@@ -241,6 +297,7 @@ pub fn watch_scenario(scenario: &Scenario, plan: &WatchPlan) -> WatchRun {
         half: plan.duration.as_secs_f64() / 2.0,
         step_at: None,
         finished,
+        notes,
     }
 }
 
@@ -264,8 +321,9 @@ pub fn watch_drifting(plan: &WatchPlan) -> WatchRun {
         plan,
         || None,
     );
+    let mut notes: Vec<String> = relay.iter().map(relay_note).collect();
     drop(relay);
-    drop(cerv);
+    notes.extend(cerv_notes(cerv));
     WatchRun {
         name: "drifting".to_string(),
         about: format!(
@@ -275,6 +333,7 @@ pub fn watch_drifting(plan: &WatchPlan) -> WatchRun {
         half: plan.duration.as_secs_f64() / 2.0,
         step_at: None,
         finished,
+        notes,
     }
 }
 
@@ -295,8 +354,10 @@ pub fn watch_step(scenario: &Scenario, plan: &WatchPlan) -> WatchRun {
             Some(SystemClock.now())
         },
     );
+    let mut notes = vec![relay_note(&relay)];
     drop(relay);
-    drop((first, second));
+    notes.extend(cerv_notes(first));
+    notes.extend(cerv_notes(second));
     let at = switched.expect("switched");
     let truth = Truth::Step {
         before: TRUTH_NS,
@@ -313,6 +374,7 @@ pub fn watch_step(scenario: &Scenario, plan: &WatchPlan) -> WatchRun {
         half: plan.duration.as_secs_f64() / 2.0,
         step_at: Some(seconds(start, at)),
         finished,
+        notes,
     }
 }
 
@@ -392,12 +454,16 @@ pub fn summarise(lines: &[Line], half: f64) -> WatchSummary {
 /// What the step test found.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepSummary {
-    /// |error| under this counts as following: twice the median |error|
-    /// before the step, at least [`FOLLOW_FLOOR_NS`].
+    /// Where the error sat before the step: its median (not zero where
+    /// the path is asymmetric).
+    pub bias_ns: i64,
+    /// An answer within this of the bias follows the step: twice the
+    /// median distance from it before the step, at least
+    /// [`FOLLOW_FLOOR_NS`].
     pub threshold_ns: i64,
-    /// Lines after the switch up to and including the first answer under
-    /// the threshold (1: the first line after the switch already
-    /// follows); `None` if none does.
+    /// Lines after the switch up to and including the first answer that
+    /// follows (1: the first line after the switch already does); `None`
+    /// if none does.
     pub polls_to_follow: Option<usize>,
     /// Answers before the switch whose bound missed the truth.
     pub failed_before: usize,
@@ -412,20 +478,23 @@ pub struct StepSummary {
 /// The step test's figures, for a switch at `at` seconds.
 pub fn step_summary(lines: &[Line], at: f64) -> StepSummary {
     let (before, after): (Vec<&Line>, Vec<&Line>) = lines.iter().partition(|l| l.t < at);
-    let before_abs: Vec<i64> = before
+    let errors: Vec<i64> = before
         .iter()
         .filter(|l| l.synced)
-        .map(|l| l.error_ns.abs())
+        .map(|l| l.error_ns)
         .collect();
-    let threshold_ns = median(&before_abs)
+    let bias_ns = median(&errors).unwrap_or(0);
+    let spread: Vec<i64> = errors.iter().map(|e| (e - bias_ns).abs()).collect();
+    let threshold_ns = median(&spread)
         .map_or(FOLLOW_FLOOR_NS, |m| 2 * m)
         .max(FOLLOW_FLOOR_NS);
     let missed = |l: &&&Line| l.synced && !l.held;
     StepSummary {
+        bias_ns,
         threshold_ns,
         polls_to_follow: after
             .iter()
-            .position(|l| l.synced && l.error_ns.abs() < threshold_ns)
+            .position(|l| l.synced && (l.error_ns - bias_ns).abs() < threshold_ns)
             .map(|i| i + 1),
         failed_before: before.iter().filter(missed).count(),
         failed_after: after.iter().filter(missed).count(),
@@ -543,11 +612,12 @@ mod tests {
 
     #[test]
     fn a_step_is_followed_when_the_error_is_back_under_the_threshold() {
-        // Before: |errors| 20 µs -> threshold 40 µs. After the switch at
-        // t = 10: the first two answers still read the old time.
+        // Before: errors ±80 µs around 0 -> threshold 160 µs. After the
+        // switch at t = 10: the first two answers still read the old time.
         let lines = vec![
-            line(6.0, 20_000, 500_000),
-            line(8.0, -20_000, 500_000),
+            line(6.0, 80_000, 500_000),
+            line(8.0, -80_000, 500_000),
+            line(9.0, 0, 500_000),
             line(10.5, -10_000_000, 500_000),
             Line {
                 synced: false,
@@ -555,11 +625,11 @@ mod tests {
                 ..line(12.0, 0, 0)
             },
             line(14.0, -5_000_000, 500_000),
-            line(16.0, 30_000, 500_000),
+            line(16.0, 150_000, 500_000),
             line(18.0, 10_000, 500_000),
         ];
         let s = step_summary(&lines, 10.0);
-        assert_eq!(s.threshold_ns, 40_000);
+        assert_eq!((s.bias_ns, s.threshold_ns), (0, 160_000));
         assert_eq!(s.polls_to_follow, Some(4));
         assert_eq!(
             (s.failed_before, s.failed_after, s.failed_around),
@@ -567,10 +637,21 @@ mod tests {
         );
         assert_eq!(s.failed_after_flagged, 0);
         // A quiet path: the floor.
-        let quiet = vec![line(1.0, 100, 1_000), line(3.0, 9_000, 1_000)];
+        let quiet = vec![line(1.0, 100, 1_000), line(3.0, 90_000, 100_000)];
         let s = step_summary(&quiet, 2.0);
         assert_eq!(s.threshold_ns, FOLLOW_FLOOR_NS);
         assert_eq!(s.polls_to_follow, Some(1));
+        // An asymmetric path: back near its bias of 1.25 ms, not near 0.
+        let asym = vec![
+            line(1.0, 1_250_000, 2_000_000),
+            line(3.0, 1_248_000, 2_000_000),
+            line(5.0, 1_252_000, 2_000_000),
+            line(7.0, 3_000_000, 2_000_000),
+            line(9.0, 1_251_000, 2_000_000),
+        ];
+        let s = step_summary(&asym, 6.0);
+        assert_eq!((s.bias_ns, s.threshold_ns), (1_250_000, FOLLOW_FLOOR_NS));
+        assert_eq!(s.polls_to_follow, Some(2));
     }
 
     #[test]
@@ -579,10 +660,19 @@ mod tests {
             duration: Duration::from_secs(120),
             interval: Duration::from_secs(2),
             seed: 1,
+            fient_extra: vec!["--probes".into(), "8".into()],
         };
         assert_eq!(
             plan.fient_args(),
-            ["--watch", "2.000000000s", "--json", "--count", "69"]
+            [
+                "--watch",
+                "2.000000000s",
+                "--json",
+                "--count",
+                "69",
+                "--probes",
+                "8"
+            ]
         );
     }
 }

@@ -47,7 +47,7 @@ struct Args {
     seed: u64,
     /// Measure over time: watch each scenario this long (2m, say), as
     /// fient --watch INTERVAL --json, report only.
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", conflicts_with_all = ["runs", "compare_stamping", "dump"])]
     watch: Option<Nanos>,
     /// With --watch: fient's interval between syncs.
     #[arg(
@@ -223,7 +223,7 @@ fn watch_row(name: &str, s: &WatchSummary) -> String {
     )
 }
 
-const STEP_HEADER: &str = "| scenario | polls until it follows | follow threshold (µs) | bound missed, 5 lines after the step | bound missed after the step (flagged) | bound missed before the step |\n|---|---|---|---|---|---|";
+const STEP_HEADER: &str = "| scenario | polls until it follows | error before (µs) | follow threshold (µs) | bound missed, 5 lines after the step | bound missed after the step (flagged) | bound missed before the step |\n|---|---|---|---|---|---|---|";
 
 /// `lab --watch`: see the crate documentation of `lab::watch`.
 fn watch_main(args: &Args, duration: Nanos) -> Result<(), Box<dyn std::error::Error>> {
@@ -239,10 +239,19 @@ fn watch_main(args: &Args, duration: Nanos) -> Result<(), Box<dyn std::error::Er
         )
         .into());
     }
+    // Never a watch that changes this machine's clock.
+    if let Some(bad) = args
+        .fient_args
+        .iter()
+        .find(|a| ["--slew", "--set"].contains(&a.as_str()))
+    {
+        return Err(format!("lab --watch only reports: '{bad}' is refused").into());
+    }
     let plan = WatchPlan {
         duration: duration.unsigned_duration(),
         interval: interval.unsigned_duration(),
         seed: args.seed,
+        fient_extra: args.fient_args.clone(),
     };
     let mut chosen = Vec::new();
     let mut drifting = args.scenarios.is_empty() && !args.step;
@@ -308,9 +317,10 @@ fn watch_main(args: &Args, duration: Nanos) -> Result<(), Box<dyn std::error::Er
             let Some(at) = run.step_at else { continue };
             let s = watch::step_summary(&run.lines, at);
             println!(
-                "| {} | {} | {} | {} | {} ({}) | {} |",
+                "| {} | {} | {} | ±{} | {} | {} ({}) | {} |",
                 run.name,
                 s.polls_to_follow.map_or("never".into(), |n| n.to_string()),
+                us3(s.bias_ns),
                 us3(s.threshold_ns),
                 s.failed_around,
                 s.failed_after,
@@ -319,7 +329,7 @@ fn watch_main(args: &Args, duration: Nanos) -> Result<(), Box<dyn std::error::Er
             );
         }
     }
-    for (run, _) in &all {
+    for (run, summary) in &all {
         if !run.ended_well() {
             eprintln!(
                 "{}: the watch ended badly ({:?}): {}",
@@ -327,6 +337,17 @@ fn watch_main(args: &Args, duration: Nanos) -> Result<(), Box<dyn std::error::Er
                 run.finished.code(),
                 run.finished.stderr.trim()
             );
+        }
+        if !run.ended_well() || summary.synced < summary.lines {
+            eprintln!(
+                "{}: {} of {} lines without an answer",
+                run.name,
+                summary.lines - summary.synced,
+                summary.lines
+            );
+            for note in &run.notes {
+                eprintln!("{}: {note}", run.name);
+            }
         }
     }
     eprintln!(
