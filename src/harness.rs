@@ -29,49 +29,59 @@ fn profile_dir() -> PathBuf {
     dir
 }
 
+/// Runs `cargo build` with `args` for the profile of the running program.
+fn cargo_build(args: &[&str]) {
+    let dir = profile_dir();
+    let profile = match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev".to_string(),
+        Some(other) => other.to_string(),
+    };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    // cargo gives a test the variables of its package (CARGO_PKG_NAME,
+    // CARGO_MANIFEST_DIR, ...). Some build scripts (ring's) watch those
+    // very names, so a nested build that inherits them looks changed and
+    // recompiles them every time: build as from a plain shell.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || name.starts_with("CARGO_BIN_")
+            || name.starts_with("CARGO_CRATE_")
+            || name.starts_with("CARGO_PRIMARY_")
+            || name.starts_with("CARGO_TARGET_TMPDIR")
+            || name.starts_with("CARGO_RUSTC_CURRENT_DIR")
+            || name == "OUT_DIR"
+        {
+            build.env_remove(&*name);
+        }
+    }
+    let status = build
+        .args(["build", "--quiet"])
+        .args(args)
+        .args(["--profile", &profile])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build {args:?} failed");
+}
+
 /// The path of a workspace binary (`cerv` or `fient`), built for the same
 /// profile as the running test on first use.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
-    let dir = profile_dir();
-    BUILT.get_or_init(|| {
-        let profile = match dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev".to_string(),
-            Some(other) => other.to_string(),
-        };
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        // The variables cargo sets for this test binary describe the `lab`
-        // package, not the build: build scripts that track them (ring's
-        // does, CARGO_MANIFEST_DIR and CARGO_PKG_*) would see them change
-        // between this build and the `cargo test` around it, and rebuild
-        // ring and everything above it twice per test binary.
-        for (name, _) in std::env::vars_os() {
-            let name = name.to_string_lossy();
-            if name.starts_with("CARGO_PKG_")
-                || name.starts_with("CARGO_MANIFEST_")
-                || name.starts_with("CARGO_BIN_")
-                || [
-                    "CARGO_CRATE_NAME",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "CARGO_RUSTC_CURRENT_DIR",
-                    "OUT_DIR",
-                ]
-                .contains(&&*name)
-            {
-                build.env_remove(&*name);
-            }
-        }
-        let status = build
-            .args(["build", "--quiet", "--bins", "-p", "server", "-p", "client"])
-            .args(["--profile", &profile])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build of the binaries failed");
-    });
-    let path = dir.join(name);
+    BUILT.get_or_init(|| cargo_build(&["--bins", "-p", "server", "-p", "client"]));
+    let path = profile_dir().join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// The path of an example of the client crate (`drifting_watch`, say),
+/// built for the same profile as the running program each time it is
+/// asked for (cargo makes that cheap when nothing changed).
+pub fn client_example(name: &str) -> PathBuf {
+    cargo_build(&["--example", name, "-p", "client"]);
+    let path = profile_dir().join("examples").join(name);
     assert!(path.exists(), "{} was not built", path.display());
     path
 }
@@ -131,6 +141,71 @@ pub fn run(cmd: &mut Command, limit: Duration) -> Finished {
         stdout: stdout.join().unwrap_or_default(),
         stderr: stderr.join().unwrap_or_default(),
         elapsed: started.elapsed(),
+    }
+}
+
+/// A process running in the background whose output is being collected:
+/// a `fient --watch`, say, stopped after a while with [`Spawned::stop`].
+pub struct Spawned {
+    child: Child,
+    stdout: thread::JoinHandle<String>,
+    stderr: thread::JoinHandle<String>,
+    started: Instant,
+}
+
+/// Starts `cmd` with its output collected.
+pub fn spawn(cmd: &mut Command) -> Spawned {
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stdout = drain(child.stdout.take().expect("stdout"));
+    let stderr = drain(child.stderr.take().expect("stderr"));
+    Spawned {
+        child,
+        stdout,
+        stderr,
+        started,
+    }
+}
+
+impl Spawned {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Asks it to stop with SIGTERM, waits at most `grace` (then SIGKILL),
+    /// and returns what it wrote. `status` is `None` if it had to be
+    /// killed.
+    pub fn stop(mut self, grace: Duration) -> Finished {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own child's pid, not yet reaped.
+            unsafe {
+                libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + grace;
+        let status = loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        Finished {
+            status,
+            stdout: self.stdout.join().unwrap_or_default(),
+            stderr: self.stderr.join().unwrap_or_default(),
+            elapsed: self.started.elapsed(),
+        }
     }
 }
 

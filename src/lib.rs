@@ -10,12 +10,15 @@
 //! - [`certs`]: a test CA and server certificates (good, expired, wrong
 //!   name, another CA) for the TLS tests and the lab.
 //!
+//! - [`watch`]: `fient --watch` for minutes against the truth, for the
+//!   filter over syncs: steady paths, a drifting clock, a server whose
+//!   time jumps.
 //! - [`load`]: a load generator and the UDP echo server it compares with.
 //! - [`peers`]: programs no one here wrote (ntpdig, chronyd, libfaketime,
 //!   promtool), found or skipped, and chronyd run safely.
 //!
 //! Binaries: `relay` (run the relay by hand), `lab` (the accuracy
-//! benchmark) and `cerv-bench` (the speed benchmark).
+//! benchmark, one-shot or with `--watch` over time) and `cerv-bench` (the speed benchmark).
 
 pub mod accuracy;
 pub mod certs;
@@ -27,5 +30,6 @@ pub mod relay;
 pub mod scenario;
 pub mod several;
 pub mod tamper;
+pub mod watch;
 
 pub use harness::{Cerv, Finished, bin, fient, json, run, without_clock_privilege};

@@ -18,6 +18,11 @@
 //! microseconds. Delays are then accurate to a few microseconds on an idle
 //! machine. A zero delay is forwarded at once.
 //!
+//! [`Relay::retarget`] points every back socket at another server mid-run
+//! (a server replaced by one with another time, a route that changes):
+//! replies still on their way from the old server are then refused by the
+//! kernel, as they would be after a real change.
+//!
 //! Everything is bounded: the relay stops when [`Relay::stop`] is called or
 //! it is dropped, every blocking read has a short timeout, and the number
 //! of clients and queued datagrams is capped.
@@ -276,9 +281,30 @@ impl Ord for Scheduled {
     }
 }
 
+/// Where the back sockets send: the server, and every back socket opened
+/// so far, so that [`Relay::retarget`] can move them all at once.
+struct Backs {
+    server: SocketAddr,
+    sockets: Vec<Arc<UdpSocket>>,
+}
+
+impl Backs {
+    /// Opens a back socket toward the current server, and keeps it.
+    fn open(&mut self) -> io::Result<Arc<UdpSocket>> {
+        let back = UdpSocket::bind((self.server.ip(), 0))?;
+        back.connect(self.server)?;
+        enable_timestamps(&back)?;
+        back.set_read_timeout(Some(POLL))?;
+        let back = Arc::new(back);
+        self.sockets.push(back.clone());
+        Ok(back)
+    }
+}
+
 /// A running relay.
 pub struct Relay {
     addr: SocketAddr,
+    backs: Arc<Mutex<Backs>>,
     stop: Arc<AtomicBool>,
     threads: Vec<thread::JoinHandle<()>>,
     stats: Arc<RelayStats>,
@@ -380,6 +406,10 @@ impl Relay {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(RelayStats::default());
         let seq = Arc::new(AtomicU64::new(0));
+        let backs = Arc::new(Mutex::new(Backs {
+            server,
+            sockets: Vec::new(),
+        }));
         let (schedule, queue) = mpsc::sync_channel::<Scheduled>(MAX_QUEUED);
         let mut threads = Vec::new();
 
@@ -401,9 +431,10 @@ impl Relay {
         };
         threads.push(thread::spawn({
             let stop = stop.clone();
+            let backs = backs.clone();
             move || {
                 let mut sessions: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
-                let mut backs = Vec::new();
+                let mut back_threads = Vec::new();
                 let mut buf = vec![0u8; 65_536];
                 while !stop.load(Ordering::Relaxed) {
                     let Ok((len, Some(client), arrived)) = read(&front_reader.socket, &mut buf)
@@ -414,7 +445,11 @@ impl Relay {
                         Some(back) => back.clone(),
                         None if sessions.len() >= MAX_SESSIONS => continue,
                         None => {
-                            let Ok(back) = open_back(server) else {
+                            let opened = match backs.lock() {
+                                Ok(mut backs) => backs.open(),
+                                Err(_) => continue,
+                            };
+                            let Ok(back) = opened else {
                                 continue;
                             };
                             sessions.insert(client, back.clone());
@@ -429,7 +464,7 @@ impl Relay {
                             };
                             let front = front_reader.socket.clone();
                             let stop = stop.clone();
-                            backs.push(thread::spawn(move || {
+                            back_threads.push(thread::spawn(move || {
                                 let mut buf = vec![0u8; 65_536];
                                 while !stop.load(Ordering::Relaxed) {
                                     if let Ok((len, _, arrived)) = read(&reader.socket, &mut buf) {
@@ -442,13 +477,14 @@ impl Relay {
                     };
                     front_reader.relay(&buf[..len], arrived, &back, None);
                 }
-                for b in backs {
+                for b in back_threads {
                     let _ = b.join();
                 }
             }
         }));
         Ok(Relay {
             addr,
+            backs,
             stop,
             threads,
             stats,
@@ -463,6 +499,30 @@ impl Relay {
     /// The counters.
     pub fn stats(&self) -> &RelayStats {
         &self.stats
+    }
+
+    /// The server datagrams go to now.
+    pub fn server(&self) -> SocketAddr {
+        self.backs
+            .lock()
+            .map_or_else(|b| b.into_inner().server, |b| b.server)
+    }
+
+    /// Sends everything from now on to `server` instead: every client's
+    /// back socket is reconnected, so datagrams queued in the relay go to
+    /// the new server when due, and replies still coming from the old one
+    /// are dropped by the kernel. A stream relay sends the connections it
+    /// accepts from now on to the new server.
+    pub fn retarget(&self, server: SocketAddr) -> io::Result<()> {
+        let mut backs = self
+            .backs
+            .lock()
+            .map_err(|_| io::Error::other("relay state poisoned"))?;
+        for back in &backs.sockets {
+            back.connect(server)?;
+        }
+        backs.server = server;
+        Ok(())
     }
 
     /// Stops every thread and waits for them.
@@ -504,6 +564,12 @@ impl Relay {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(RelayStats::default());
         let seq = Arc::new(AtomicU64::new(0));
+        // Streams have no back sockets to reconnect: a retarget sends the
+        // connections opened after it to the new server.
+        let backs = Arc::new(Mutex::new(Backs {
+            server,
+            sockets: Vec::new(),
+        }));
         let (schedule, queue) = mpsc::sync_channel::<Scheduled>(MAX_QUEUED);
         let mut threads = Vec::new();
         threads.push(thread::spawn({
@@ -516,6 +582,7 @@ impl Relay {
         threads.push(thread::spawn({
             let stop = stop.clone();
             let stats = stats.clone();
+            let backs = backs.clone();
             move || {
                 let mut pumps = Vec::new();
                 while !stop.load(Ordering::Relaxed) && pumps.len() < 2 * MAX_SESSIONS {
@@ -525,6 +592,7 @@ impl Relay {
                     let Ok((client, _)) = listener.accept() else {
                         continue;
                     };
+                    let server = backs.lock().map_or(server, |b| b.server);
                     let Ok((client, back)) = open_stream_pair(client, server) else {
                         continue;
                     };
@@ -559,6 +627,7 @@ impl Relay {
         }));
         Ok(Relay {
             addr,
+            backs,
             stop,
             threads,
             stats,
@@ -662,14 +731,6 @@ impl StreamPump {
             }
         }
     }
-}
-
-fn open_back(server: SocketAddr) -> io::Result<Arc<UdpSocket>> {
-    let back = UdpSocket::bind((server.ip(), 0))?;
-    back.connect(server)?;
-    enable_timestamps(&back)?;
-    back.set_read_timeout(Some(POLL))?;
-    Ok(Arc::new(back))
 }
 
 fn run_scheduler(queue: mpsc::Receiver<Scheduled>, stop: &AtomicBool, stats: &RelayStats) {
@@ -783,6 +844,51 @@ mod tests {
         let dups = dup as f64 / n as f64;
         assert!((0.18..0.22).contains(&loss), "{loss}");
         assert!((0.07..0.10).contains(&dups), "{dups}");
+    }
+
+    /// A server that answers every datagram with `tag`, until `stop`.
+    fn tagged_server(tag: u8, stop: Arc<AtomicBool>) -> (SocketAddr, thread::JoinHandle<()>) {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_read_timeout(Some(POLL)).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let thread = thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(&[tag], from);
+                }
+            }
+        });
+        (addr, thread)
+    }
+
+    #[test]
+    fn retarget_moves_a_running_session_to_another_server() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, a_thread) = tagged_server(b'a', stop.clone());
+        let (b, b_thread) = tagged_server(b'b', stop.clone());
+        let relay = Relay::start(a, Impairment::symmetric(Direction::CLEAN), 1).unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        client.connect(relay.addr()).unwrap();
+        let ask = || {
+            client.send(b"?").unwrap();
+            let mut buf = [0u8; 8];
+            let n = client.recv(&mut buf).expect("an answer within 2 s");
+            buf[..n].to_vec()
+        };
+        assert_eq!(ask(), b"a");
+        relay.retarget(b).unwrap();
+        assert_eq!(relay.server(), b);
+        // The same client, so the same back socket: now toward b.
+        assert_eq!(ask(), b"b");
+        assert_eq!(ask(), b"b");
+        relay.stop();
+        stop.store(true, Ordering::Relaxed);
+        a_thread.join().unwrap();
+        b_thread.join().unwrap();
     }
 
     #[test]

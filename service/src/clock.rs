@@ -575,6 +575,30 @@ impl<C: Clock> SimulatedClock<C> {
         self.current().frequency_ppb
     }
 
+    /// Changes how fast the clock runs by nature, from now on (the time
+    /// already run keeps the old rate): a crystal's wander, played out by
+    /// calling this every so often. The frequency correction is untouched.
+    pub fn set_drift_ppb(&self, drift_ppb: i64) {
+        self.current().drift_ppb = drift_ppb;
+    }
+
+    /// This clock minus the reference at the moment this clock read
+    /// `reading`: the error now, carried back (or forward) over the
+    /// elapsed reading at the rate in force. Exact to the nanosecond while
+    /// that rate has held since `reading` and no slew is under way; a
+    /// watch that only reports uses it to know the truth at each answer's
+    /// reference instant, however late the answer is printed.
+    pub fn error_at(&self, reading: Timestamp) -> Nanos {
+        let state = self.current();
+        let rate = i128::from(state.drift_ppb + state.frequency_ppb);
+        let since = state.reads.diff_i128(reading);
+        // `since` of this clock is since·1e9/(1e9 + rate) of the
+        // reference: the error grew by the difference.
+        let grown = since * rate / (1_000_000_000 + rate);
+        let error_now = state.reads.diff_i128(state.at);
+        Nanos::try_from_i128(error_now - grown).unwrap_or(Nanos::MAX)
+    }
+
     /// Every correction asked of this clock, oldest first.
     pub fn adjustments(&self) -> Vec<Adjustment> {
         self.current().adjustments.clone()
@@ -738,6 +762,30 @@ mod tests {
                 Adjustment::Slew(Nanos::from_micros(-200)),
             ]
         );
+    }
+
+    #[test]
+    fn simulated_drift_changes_from_now_on_and_errors_carry_back() {
+        let truth = std::sync::Arc::new(ManualClock::new(Timestamp::from_nanos(1_000_000_000_000)));
+        let sim = SimulatedClock::new(truth.clone(), Nanos::from_millis(2), 100_000); // +100 ppm
+        truth.advance(Nanos::from_secs(10));
+        let reading = sim.now();
+        assert_eq!(sim.error(), Nanos::from_millis(3));
+        truth.advance(Nanos::from_secs(10));
+        assert_eq!(sim.error(), Nanos::from_millis(4));
+        // 10.001 s of this clock's time back at 100 ppm: 1 ms less error.
+        assert_eq!(sim.error_at(reading), Nanos::from_millis(3));
+        // The time run keeps its rate; the new one holds from now.
+        sim.set_drift_ppb(-100_000);
+        assert_eq!(sim.error(), Nanos::from_millis(4));
+        let reading = sim.now();
+        truth.advance(Nanos::from_secs(10));
+        assert_eq!(sim.error(), Nanos::from_millis(3));
+        assert_eq!(sim.error_at(reading), Nanos::from_millis(4));
+        assert_eq!(sim.rate_error_ppb(), -100_000);
+        // A reading still to come carries forward the same way.
+        let later = sim.now().saturating_add(Nanos::from_nanos(9_999_000_000));
+        assert_eq!(sim.error_at(later), Nanos::from_millis(2));
     }
 
     #[test]
