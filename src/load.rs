@@ -7,9 +7,16 @@
 //! so both targets see identical traffic from an identical client, and the
 //! ratio of their throughputs is the server's cost over the bare minimum a
 //! request-reply service can do on this machine.
+//!
+//! It speaks NTP too, plain ([`Target::Ntp`]) and protected by NTS
+//! ([`Target::Nts`], with the keys and a cookie from a real key exchange,
+//! [`nts_credentials`]), so cerv's two NTP faces can be compared with each
+//! other in the same run.
 
 use hdrhistogram::Histogram;
 use service::clock::{Clock, SystemClock};
+use service::ntp::{self, HEADER_LEN, NtpTimestamp};
+use service::nts::{self, Key, ef};
 use service::wire::{self, Call, ClientFrame, DatagramBuf, MAX_DATAGRAM, Reply};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -21,13 +28,114 @@ use std::time::{Duration, Instant};
 /// The longest any load run may last.
 pub const MAX_DURATION: Duration = Duration::from_secs(60);
 
-/// What the server at the other end is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What the server at the other end is, and so what is sent.
+#[derive(Clone)]
 pub enum Target {
     /// A cerv server: replies are probe replies.
     Cerv,
     /// An echo server: replies are our requests, sent back.
     Echo,
+    /// An NTP server: 48-byte client requests, each transmit timestamp the
+    /// request's id; a reply is valid when it passes the checks fient's
+    /// NTP source makes (mode, origin, stratum, leap, timestamps).
+    Ntp,
+    /// An NTS-protected NTP server, with these credentials.
+    Nts(NtsCredentials),
+}
+
+/// What NTS requests need: the keys and a cookie from a key exchange.
+///
+/// The generator seals one request per slot of its in-flight ring before
+/// it starts (a unique identifier and nonce each, all with this cookie; a
+/// server keeps no state, so a cookie opens as often as it is sent) and
+/// sends those again, so sealing is not in its loop. Every reply must echo
+/// its request's transmit timestamp and pass NTP's header checks; one in
+/// [`NTS_VERIFY_EVERY`] is also opened with the server-to-client key and
+/// its unique identifier checked, and counts as invalid if either fails.
+/// The server does all of its work for every request: open the cookie,
+/// check the authenticator, seal a fresh cookie and the reply.
+#[derive(Clone)]
+pub struct NtsCredentials {
+    /// Client to server.
+    pub c2s: Key,
+    /// Server to client.
+    pub s2c: Key,
+    /// A cookie.
+    pub cookie: Vec<u8>,
+    /// Where to send the requests (the key exchange says).
+    pub ntp: SocketAddr,
+}
+
+/// One NTS reply in this many is opened and checked in full.
+pub const NTS_VERIFY_EVERY: u64 = 8;
+
+/// Runs NTS-KE with cerv's key-exchange port at `ke` (its certificate for
+/// `localhost`, signed by the CA in `ca`).
+pub fn nts_credentials(ke: SocketAddr, ca: &std::path::Path) -> Result<NtsCredentials, String> {
+    let config =
+        service::tls::client_config(Some(ca), &[nts::ke::ALPN], true).map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let (response, c2s, s2c) = runtime.block_on(service::source::nts_key_exchange(
+        ke,
+        "localhost",
+        &connector,
+        Duration::from_secs(5),
+    ))?;
+    if response.server.is_some() {
+        return Err("the key exchange names another NTP server".into());
+    }
+    let cookie = response.cookies.into_iter().next().ok_or("no cookie")?;
+    Ok(NtsCredentials {
+        c2s,
+        s2c,
+        cookie,
+        ntp: SocketAddr::new(ke.ip(), response.port.unwrap_or(123)),
+    })
+}
+
+/// The NTS requests of one socket, one per ring slot: the bytes, and the
+/// unique identifier the reply must echo.
+struct SealedRequests {
+    packets: Vec<Vec<u8>>,
+    uids: Vec<[u8; ef::UID_LEN]>,
+}
+
+impl SealedRequests {
+    fn seal(credentials: &NtsCredentials, slots: usize) -> io::Result<SealedRequests> {
+        let mut packets = Vec::with_capacity(slots);
+        let mut uids = Vec::with_capacity(slots);
+        for slot in 0..slots {
+            let uid: [u8; ef::UID_LEN] = rand::random();
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            // Transmit timestamps start at 1: a zero origin is never a match.
+            ntp::write_request(NtpTimestamp(slot as u64 + 1), 0, &mut buf);
+            let len = ef::write_request(
+                &mut buf,
+                HEADER_LEN,
+                &uid,
+                &credentials.cookie,
+                0,
+                &credentials.c2s,
+                &rand::random(),
+            )
+            .map_err(|e| io::Error::other(e.to_string()))?;
+            buf.truncate(len);
+            packets.push(buf);
+            uids.push(uid);
+        }
+        Ok(SealedRequests { packets, uids })
+    }
+}
+
+/// What a reply answers: a request's id, or (NTS, whose requests are
+/// sealed in advance, one per slot) its slot in the ring.
+enum Answers {
+    Id(u64),
+    Slot(usize),
 }
 
 /// How to load.
@@ -94,6 +202,10 @@ fn run_socket(
     let mut next_id = 0u64;
     let mut tx: DatagramBuf = [0; MAX_DATAGRAM];
     let mut rx = [0u8; 2048];
+    let sealed = match &kind {
+        Target::Nts(credentials) => Some(SealedRequests::seal(credentials, ring_len)?),
+        _ => None,
+    };
     let mut rtt = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
         .map_err(|e| io::Error::other(e.to_string()))?;
     let (mut replies, mut lost, mut invalid) = (0u64, 0u64, 0u64);
@@ -118,17 +230,28 @@ fn run_socket(
                 lost += 1;
                 outstanding -= 1;
             }
-            let (len, _) = wire::encode_client(
-                &ClientFrame::Request {
-                    id,
-                    deadline: config.timeout,
-                    call: Call::Probe { ts1: clock.now() },
-                },
-                &mut tx,
-                None,
-            );
+            let request: &[u8] = match (&kind, &sealed) {
+                (Target::Cerv | Target::Echo, _) => {
+                    let (len, _) = wire::encode_client(
+                        &ClientFrame::Request {
+                            id,
+                            deadline: config.timeout,
+                            call: Call::Probe { ts1: clock.now() },
+                        },
+                        &mut tx,
+                        None,
+                    );
+                    &tx[..len]
+                }
+                (Target::Ntp, _) => {
+                    let len = ntp::write_request(NtpTimestamp(id + 1), 0, &mut tx);
+                    &tx[..len]
+                }
+                (Target::Nts(_), Some(sealed)) => &sealed.packets[slot],
+                (Target::Nts(_), None) => unreachable!("sealed before the loop"),
+            };
             let sent_at = Instant::now();
-            match socket.send(&tx[..len]) {
+            match socket.send(request) {
                 Ok(_) => {
                     in_flight[slot] = Some((id, sent_at));
                     outstanding += 1;
@@ -147,20 +270,49 @@ fn run_socket(
         match socket.recv(&mut rx) {
             Ok(n) => {
                 let now = Instant::now();
-                let id = match kind {
+                let answers = match &kind {
                     Target::Cerv => match wire::decode_server(&rx[..n], None, |_| None) {
-                        Ok(frame) if matches!(frame.reply, Reply::Probe { .. }) => Some(frame.id),
+                        Ok(frame) if matches!(frame.reply, Reply::Probe { .. }) => {
+                            Some(Answers::Id(frame.id))
+                        }
                         _ => None,
                     },
                     Target::Echo => match wire::decode_client(&rx[..n], None) {
-                        Ok((ClientFrame::Request { id, .. }, _)) => Some(id),
+                        Ok((ClientFrame::Request { id, .. }, _)) => Some(Answers::Id(id)),
                         _ => None,
                     },
+                    Target::Ntp => ntp::Header::read(&rx[..n])
+                        .map(|h| h.origin)
+                        .filter(|&origin| ntp::check_reply(&rx[..n], origin).is_ok())
+                        .map(|origin| Answers::Id(origin.0 - 1)),
+                    Target::Nts(credentials) => ntp::Header::read(&rx[..n])
+                        .map(|h| h.origin)
+                        .filter(|&origin| {
+                            n > HEADER_LEN
+                                && (1..=ring_len as u64).contains(&origin.0)
+                                && ntp::check_reply(&rx[..n], origin).is_ok()
+                        })
+                        .map(|origin| origin.0 as usize - 1)
+                        .filter(|&slot| {
+                            (replies + invalid) % NTS_VERIFY_EVERY != 0
+                                || sealed.as_ref().is_some_and(|s| {
+                                    ef::check_reply(&rx[..n], &s.uids[slot], &credentials.s2c)
+                                        .is_ok()
+                                })
+                        })
+                        .map(Answers::Slot),
                 };
-                let slot = id.map(|id| (id as usize) & (ring_len - 1));
-                match (id, slot.and_then(|s| in_flight[s])) {
-                    (Some(id), Some((sid, sent_at))) if sid == id => {
-                        in_flight[(id as usize) & (ring_len - 1)] = None;
+                let matched = answers.and_then(|a| {
+                    let (slot, id) = match a {
+                        Answers::Id(id) => ((id as usize) & (ring_len - 1), Some(id)),
+                        Answers::Slot(slot) => (slot, None),
+                    };
+                    let (sid, sent_at) = in_flight[slot]?;
+                    (id.is_none_or(|id| id == sid)).then_some((slot, sent_at))
+                });
+                match matched {
+                    Some((slot, sent_at)) => {
+                        in_flight[slot] = None;
                         outstanding -= 1;
                         if sent_at >= start_measuring {
                             replies += 1;
@@ -210,6 +362,7 @@ pub fn run(target: SocketAddr, kind: Target, config: LoadConfig) -> io::Result<L
         .map(|i| {
             // Spread the window; the first sockets take the remainder.
             let share = config.window / sockets + usize::from(i < config.window % sockets);
+            let kind = kind.clone();
             thread::spawn(move || {
                 run_socket(target, kind, share.max(1), config, start_measuring, stop_at)
             })

@@ -152,7 +152,12 @@ fn stream_wires_refuse_scenarios_they_cannot_have() {
 fn a_watch_through_the_relay_is_honest_line_by_line() {
     let sym = scenario::named("sym").expect("scenario");
     let run = lab::watch::watch_scenario(&sym, &short_watch());
-    assert!(run.ended_well(), "{:?}: {}", run.finished.code(), run.finished.stderr);
+    assert!(
+        run.ended_well(),
+        "{:?}: {}",
+        run.finished.code(),
+        run.finished.stderr
+    );
     let s = lab::watch::summarise(&run.lines, run.half);
     assert!(s.synced >= 6, "{s:?}\n{}", run.finished.stdout);
     assert_eq!(s.held, s.synced, "{}", run.finished.stdout);
@@ -162,7 +167,12 @@ fn a_watch_through_the_relay_is_honest_line_by_line() {
 #[test]
 fn the_drifting_watch_carries_its_own_truth() {
     let run = lab::watch::watch_drifting(&short_watch());
-    assert!(run.ended_well(), "{:?}: {}", run.finished.code(), run.finished.stderr);
+    assert!(
+        run.ended_well(),
+        "{:?}: {}",
+        run.finished.code(),
+        run.finished.stderr
+    );
     let s = lab::watch::summarise(&run.lines, run.half);
     // Lines without truth_ns would have been skipped.
     assert!(s.synced >= 6, "{s:?}\n{}", run.finished.stdout);
@@ -180,11 +190,20 @@ fn the_drifting_watch_carries_its_own_truth() {
 fn the_step_test_sees_the_servers_time_jump() {
     let sym = scenario::named("sym").expect("scenario");
     let run = lab::watch::watch_step(&sym, &short_watch());
-    assert!(run.ended_well(), "{:?}: {}", run.finished.code(), run.finished.stderr);
+    assert!(
+        run.ended_well(),
+        "{:?}: {}",
+        run.finished.code(),
+        run.finished.stderr
+    );
     let at = run.step_at.expect("a step");
     let before: Vec<_> = run.lines.iter().filter(|l| l.synced && l.t < at).collect();
     let after: Vec<_> = run.lines.iter().filter(|l| l.synced && l.t >= at).collect();
-    assert!(before.len() >= 3 && after.len() >= 3, "{}", run.finished.stdout);
+    assert!(
+        before.len() >= 3 && after.len() >= 3,
+        "{}",
+        run.finished.stdout
+    );
     // The filter holds a sample that no longer fits apart and follows
     // once a few agree on the new time: within five polls (the issue's
     // bar), counting the one whose burst may mix both servers.

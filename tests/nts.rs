@@ -330,3 +330,36 @@ fn a_man_in_the_middle_cannot_move_nts_time() {
         stop.store(true, Ordering::Relaxed);
     }
 }
+
+/// The load generator of `cerv-bench --only ntp`: its NTS requests are
+/// answered and its replies verify, and a reply checked against the wrong
+/// key is counted invalid (the check is not a formality).
+#[test]
+fn the_bench_loads_cerv_with_real_nts_requests() {
+    use lab::load::{self, LoadConfig, Target};
+    let certs = TestCerts::generate();
+    let cerv = cerv_nts(&certs, "0s");
+    let ke = cerv.stream_addr(service::source::Wire::Nts);
+    let credentials = load::nts_credentials(ke, &certs.ca).expect("key exchange");
+    assert_eq!(credentials.ntp, cerv.ntp_addrs[0]);
+    let config = LoadConfig {
+        window: 4,
+        sockets: 1,
+        duration: Duration::from_millis(300),
+        timeout: Duration::from_millis(200),
+        pace: Duration::ZERO,
+    };
+    let good = load::run(credentials.ntp, Target::Nts(credentials.clone()), config).unwrap();
+    assert!(good.replies > 100, "{good:?}");
+    assert_eq!((good.invalid, good.lost), (0, 0), "{good:?}");
+    let plain = load::run(credentials.ntp, Target::Ntp, config).unwrap();
+    assert!(plain.replies > 100, "{plain:?}");
+    assert_eq!((plain.invalid, plain.lost), (0, 0), "{plain:?}");
+
+    let mut forged = credentials;
+    forged.s2c = service::nts::Key::generate();
+    let bad = load::run(forged.ntp, Target::Nts(forged), config).unwrap();
+    assert!(bad.invalid > 0, "{bad:?}");
+    let (_, log) = cerv.stop();
+    assert!(!log.contains("panicked"), "{log}");
+}

@@ -9,6 +9,7 @@
 //! ```text
 //! cargo run --release --bin cerv-bench               # everything, 5 runs of 5 s
 //! cargo run --release --bin cerv-bench -- --only throughput --runs 3 --duration 3s
+//! cargo run --release --bin cerv-bench -- --only ntp     # plain NTP against NTS
 //! ```
 
 use clap::{Parser, ValueEnum};
@@ -64,6 +65,8 @@ enum Part {
     Memory,
     Flood,
     Spoof,
+    /// cerv's NTP face, plain and with NTS, beside echo.
+    Ntp,
 }
 
 fn describe(name: &str, r: &LoadReport) -> String {
@@ -239,6 +242,83 @@ fn main() {
     }
     if wants(Part::Spoof) {
         spoof_part(args.spoofed, &args.cerv_args);
+    }
+    if wants(Part::Ntp) {
+        let config = LoadConfig {
+            window: args.window,
+            sockets: args.sockets,
+            duration,
+            timeout: Duration::from_millis(200),
+            pace: Duration::ZERO,
+        };
+        ntp_part(config, args.runs, &echo, &args.cerv_args);
+    }
+}
+
+/// Throughput of cerv's NTP port with plain NTP and with NTS, beside echo,
+/// in alternating runs: NTS costs the server an AEAD opening of the cookie,
+/// a check of the authenticator, a fresh cookie and a sealed reply.
+fn ntp_part(config: LoadConfig, runs: usize, echo: &EchoServer, cerv_args: &[String]) {
+    let certs = lab::certs::TestCerts::generate();
+    let (cert, key) = (
+        certs.good.cert.display().to_string(),
+        certs.good.key.display().to_string(),
+    );
+    let mut args: Vec<&str> = cerv_args.iter().map(String::as_str).collect();
+    args.extend([
+        "--ntp-listen",
+        "127.0.0.1:0",
+        "--ntp-stratum",
+        "1",
+        "--nts-ke-listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ]);
+    if !args.iter().any(|a| a.starts_with("--rate-limit")) {
+        args.extend(["--rate-limit", "0"]);
+    }
+    let cerv = Cerv::start(&args);
+    let ke = cerv.stream_addr(service::source::Wire::Nts);
+    let credentials = load::nts_credentials(ke, &certs.ca).expect("NTS key exchange with cerv");
+    let ntp = cerv.ntp_addrs[0];
+    assert_eq!(
+        credentials.ntp, ntp,
+        "the key exchange names cerv's NTP port"
+    );
+    println!(
+        "\n## ntp: plain NTP and NTS to {ntp}, window {}, {} socket(s), {:?} per run",
+        config.window, config.sockets, config.duration
+    );
+    let mut ratios = Vec::new();
+    let mut to_echo = Vec::new();
+    for i in 0..runs {
+        let e = load::run(echo.addr(), Target::Echo, config).expect("echo run");
+        let plain = load::run(ntp, Target::Ntp, config).expect("NTP run");
+        let nts = load::run(ntp, Target::Nts(credentials.clone()), config).expect("NTS run");
+        println!("run {}:", i + 1);
+        println!("  {}", describe("echo", &e));
+        println!("  {}", describe("ntp", &plain));
+        println!("  {}", describe("nts", &nts));
+        ratios.push((nts.rate() / plain.rate() * 1e4) as i64);
+        to_echo.push((
+            (plain.rate() / e.rate() * 1e4) as i64,
+            (nts.rate() / e.rate() * 1e4) as i64,
+        ));
+    }
+    let ratio = |v: &[i64]| median(v).unwrap_or(0) as f64 / 1e4;
+    let (plain, nts): (Vec<i64>, Vec<i64>) = to_echo.into_iter().unzip();
+    println!(
+        "median throughput ratios: ntp/echo {:.3}, nts/echo {:.3}, nts/ntp {:.3}",
+        ratio(&plain),
+        ratio(&nts),
+        ratio(&ratios)
+    );
+    let (_, log) = cerv.stop();
+    if let Some(line) = log.lines().find(|l| l.contains("server stopped")) {
+        println!("cerv: {}", line.split("stats=").nth(1).unwrap_or(line));
     }
 }
 

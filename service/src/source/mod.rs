@@ -41,6 +41,7 @@
 mod cerv;
 mod ntp;
 mod nts;
+pub use nts::key_exchange as nts_key_exchange;
 pub mod spec;
 mod stream;
 

@@ -69,7 +69,7 @@ impl NtsLink {
             return Ok(exchanger.clone());
         }
         *session = None;
-        let (response, c2s, s2c) = self.key_exchange(timeout).await?;
+        let (response, c2s, s2c) = key_exchange(self.ke, &self.host, &self.tls, timeout).await?;
         let ntp = self.ntp_address(&response).await?;
         let fresh = Arc::new(NtsSession::new(c2s, s2c, response.cookies));
         let exchanger = Arc::new(
@@ -85,66 +85,6 @@ impl NtsLink {
         );
         *session = Some((exchanger.clone(), fresh));
         Ok(exchanger)
-    }
-
-    /// NTS-KE: the request, the response, the keys.
-    async fn key_exchange(
-        &self,
-        timeout: Duration,
-    ) -> Result<(KeResponse, crate::nts::Key, crate::nts::Key), String> {
-        let within = |what: &'static str| move |_| format!("{what} timed out (after {timeout:?})");
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect(self.ke))
-            .await
-            .map_err(within("connecting to the key exchange"))?
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::ConnectionRefused => {
-                    "key exchange: connection refused: nothing is listening there".to_string()
-                }
-                _ => format!("key exchange: cannot connect: {e}"),
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let name = tls::server_name(&self.host)?;
-        let mut stream = tokio::time::timeout(timeout, self.tls.connect(name, tcp))
-            .await
-            .map_err(within("the key exchange's TLS handshake"))?
-            .map_err(|e| format!("key exchange: {}", tls::describe(&e, &self.host)))?;
-        if stream.get_ref().1.alpn_protocol() != Some(ke::ALPN) {
-            return Err("key exchange: the server does not speak NTS-KE (ALPN ntske/1)".into());
-        }
-        let exchange = async {
-            stream.write_all(&ke::write_request(&OFFERED)).await?;
-            stream.flush().await?;
-            let mut decoder = ke::Decoder::new();
-            let mut buf = [0u8; 4096];
-            loop {
-                let n = stream.read(&mut buf).await?;
-                if n == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the server closed the connection before its answer was complete",
-                    ));
-                }
-                match decoder.feed(&buf[..n]) {
-                    Ok(ke::Decoded::NeedMore) => {}
-                    Ok(ke::Decoded::Complete(message)) => return Ok(message),
-                    Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
-                }
-            }
-        };
-        let message = tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(within("the key exchange"))?
-            .map_err(|e| format!("key exchange: {e}"))?;
-        let response =
-            ke::parse_response(&message, &OFFERED).map_err(|e| format!("key exchange: {e}"))?;
-        let conn = &stream.get_ref().1;
-        let keys = ke::export_keys(response.aead, |out, label, context| {
-            conn.export_keying_material(out, label, Some(context))
-                .map(|_| ())
-        })
-        .map_err(|e| format!("key exchange: cannot export the keys: {e}"))?;
-        let _ = stream.shutdown().await;
-        Ok((response, keys.c2s, keys.s2c))
     }
 
     /// Where NTP goes: the server and port the exchange named, or this
@@ -164,4 +104,71 @@ impl NtsLink {
             }
         }
     }
+}
+
+/// NTS-KE with the server at `ke` known as `host` (the name its
+/// certificate must carry), each step within `timeout`: the response (the
+/// AEAD, the cookies, where to send NTP) and the keys exported from the TLS
+/// session, client to server then server to client. The error says in
+/// words what failed. The `nts://` source runs it before its first sync;
+/// `cerv-bench` runs it to load cerv with NTS requests.
+pub async fn key_exchange(
+    ke: SocketAddr,
+    host: &str,
+    tls: &tokio_rustls::TlsConnector,
+    timeout: Duration,
+) -> Result<(KeResponse, crate::nts::Key, crate::nts::Key), String> {
+    let within = |what: &'static str| move |_| format!("{what} timed out (after {timeout:?})");
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(ke))
+        .await
+        .map_err(within("connecting to the key exchange"))?
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::ConnectionRefused => {
+                "key exchange: connection refused: nothing is listening there".to_string()
+            }
+            _ => format!("key exchange: cannot connect: {e}"),
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let name = tls::server_name(host)?;
+    let mut stream = tokio::time::timeout(timeout, tls.connect(name, tcp))
+        .await
+        .map_err(within("the key exchange's TLS handshake"))?
+        .map_err(|e| format!("key exchange: {}", tls::describe(&e, host)))?;
+    if stream.get_ref().1.alpn_protocol() != Some(ke::ALPN) {
+        return Err("key exchange: the server does not speak NTS-KE (ALPN ntske/1)".into());
+    }
+    let exchange = async {
+        stream.write_all(&ke::write_request(&OFFERED)).await?;
+        stream.flush().await?;
+        let mut decoder = ke::Decoder::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection before its answer was complete",
+                ));
+            }
+            match decoder.feed(&buf[..n]) {
+                Ok(ke::Decoded::NeedMore) => {}
+                Ok(ke::Decoded::Complete(message)) => return Ok(message),
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+            }
+        }
+    };
+    let message = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(within("the key exchange"))?
+        .map_err(|e| format!("key exchange: {e}"))?;
+    let response =
+        ke::parse_response(&message, &OFFERED).map_err(|e| format!("key exchange: {e}"))?;
+    let conn = &stream.get_ref().1;
+    let keys = ke::export_keys(response.aead, |out, label, context| {
+        conn.export_keying_material(out, label, Some(context))
+            .map(|_| ())
+    })
+    .map_err(|e| format!("key exchange: cannot export the keys: {e}"))?;
+    let _ = stream.shutdown().await;
+    Ok((response, keys.c2s, keys.s2c))
 }
