@@ -4,8 +4,7 @@
 
 use lab::peers::Peer;
 use service::metrics::{
-    self, BatchSizes, CervMetrics, CombinedMetrics, FientMetrics, ListenerMetrics, Render,
-    SourceMetrics,
+    self, CervMetrics, CombinedMetrics, FientMetrics, ListenerMetrics, Render, SourceMetrics,
 };
 use service::transport::server::ServerStats;
 use service::transport::tcp::TcpStats;
@@ -28,12 +27,10 @@ fn cerv() -> CervMetrics {
     ntp.nts_requests.add(400);
     ntp.nts_naks.add(3);
     ntp.nts_failed.add(1);
-    let mut ntp = ListenerMetrics::datagram("ntp", "127.0.0.1:123", &ntp);
-    let mut batches = BatchSizes::default();
     for size in [1, 1, 2, 5, 17, 32] {
-        batches.observe(size);
+        ntp.batches.observe(size);
     }
-    ntp.batch_sizes = Some(batches);
+    let ntp = ListenerMetrics::datagram("ntp", "127.0.0.1:123", &ntp);
     let tls = TcpStats::default();
     tls.accepted.add(12);
     tls.requests.add(60);
@@ -356,6 +353,13 @@ fn the_daemons_serve_metrics_that_promtool_accepts() {
     for face in [&cerv, &ntp] {
         let replies = sample(&page, &format!("cerv_replies_total{face}")).expect("replies");
         assert!(replies >= 9.0, "{face}: {replies}\n{page}");
+        // Every datagram read came in some receive batch.
+        let received = sample(&page, &format!("cerv_requests_total{face}")).expect("requests");
+        let batched = sample(&page, &format!("cerv_receive_batch_size_sum{face}")).expect("sum");
+        assert_eq!(batched, received, "{face}\n{page}");
+        let batches =
+            sample(&page, &format!("cerv_receive_batch_size_count{face}")).expect("count");
+        assert!((1.0..=batched).contains(&batches), "{face}\n{page}");
     }
     assert!(sample(&page, "cerv_uptime_seconds").unwrap() > 0.0);
 }

@@ -124,6 +124,7 @@ impl ListenerMetrics {
             nts_requests: stats.nts_requests.get(),
             nts_naks: stats.nts_naks.get(),
             nts_failed: stats.nts_failed.get(),
+            batch_sizes: Some(stats.batches.snapshot()),
             ..ListenerMetrics::default()
         }
     }
@@ -173,18 +174,6 @@ pub struct BatchSizes {
     pub counts: [u64; BATCH_BUCKETS.len() + 1],
     /// The datagrams in all batches.
     pub sum: u64,
-}
-
-impl BatchSizes {
-    /// Counts one batch of `size` datagrams.
-    pub fn observe(&mut self, size: u64) {
-        let i = BATCH_BUCKETS
-            .iter()
-            .position(|&le| size <= le)
-            .unwrap_or(BATCH_BUCKETS.len());
-        self.counts[i] += 1;
-        self.sum = self.sum.saturating_add(size);
-    }
 }
 
 /// What fient knows, as numbers: one scrape's worth.
@@ -979,10 +968,11 @@ mod tests {
     use tokio::sync::oneshot;
 
     fn cerv_sample() -> CervMetrics {
-        let mut batches = BatchSizes::default();
+        let counter = crate::transport::BatchCounter::default();
         for size in [1, 1, 3, 32, 40] {
-            batches.observe(size);
+            counter.observe(size);
         }
+        let batches = counter.snapshot();
         CervMetrics {
             uptime: Duration::from_millis(12_500),
             listeners: vec![

@@ -25,6 +25,34 @@ use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// How many datagrams each receive batch held: counts over
+/// [`crate::metrics::BATCH_BUCKETS`], safe to bump from any task.
+#[derive(Debug, Default)]
+pub struct BatchCounter {
+    counts: [Counter; crate::metrics::BATCH_BUCKETS.len() + 1],
+    sum: Counter,
+}
+
+impl BatchCounter {
+    /// Counts one batch of `size` datagrams.
+    pub fn observe(&self, size: u64) {
+        let i = crate::metrics::BATCH_BUCKETS
+            .iter()
+            .position(|&le| size <= le)
+            .unwrap_or(crate::metrics::BATCH_BUCKETS.len());
+        self.counts[i].incr();
+        self.sum.add(size);
+    }
+
+    /// The counts now.
+    pub fn snapshot(&self) -> crate::metrics::BatchSizes {
+        crate::metrics::BatchSizes {
+            counts: std::array::from_fn(|i| self.counts[i].get()),
+            sum: self.sum.get(),
+        }
+    }
+}
+
 /// A statistics counter, safe to bump from any task.
 #[derive(Default)]
 pub struct Counter(AtomicU64);

@@ -162,6 +162,8 @@ pub struct ServerStats {
     pub nts_naks: Counter,
     /// Malformed NTS requests, dropped.
     pub nts_failed: Counter,
+    /// How many datagrams each receive batch held.
+    pub batches: super::BatchCounter,
 }
 
 impl ServerStats {
@@ -1075,7 +1077,8 @@ impl UdpServer {
                 }
                 received = self.socket.async_io(Interest::READABLE, || batch.recv(fd)) => {
                     match received {
-                        Ok(_) => {
+                        Ok(n) => {
+                            self.stats.batches.observe(n as u64);
                             // One clock reading per batch for the limiter,
                             // and the keys in force (a reload swaps them).
                             let now = started.elapsed().as_nanos() as u64;
