@@ -145,11 +145,11 @@ pub fn run(cmd: &mut Command, limit: Duration) -> Finished {
 }
 
 /// A process running in the background whose output is being collected:
-/// a `fient --watch`, say, stopped after a while with [`Spawned::stop`].
+/// a `fient --watch`, say, stopped after a while with [`Spawned::stop`]
+/// (and killed if dropped first: a failed test leaves nothing running).
 pub struct Spawned {
     child: Child,
-    stdout: thread::JoinHandle<String>,
-    stderr: thread::JoinHandle<String>,
+    output: Option<(thread::JoinHandle<String>, thread::JoinHandle<String>)>,
     started: Instant,
 }
 
@@ -166,8 +166,7 @@ pub fn spawn(cmd: &mut Command) -> Spawned {
     let stderr = drain(child.stderr.take().expect("stderr"));
     Spawned {
         child,
-        stdout,
-        stderr,
+        output: Some((stdout, stderr)),
         started,
     }
 }
@@ -200,11 +199,21 @@ impl Spawned {
             }
             thread::sleep(Duration::from_millis(10));
         };
+        let (stdout, stderr) = self.output.take().expect("stopped once");
         Finished {
             status,
-            stdout: self.stdout.join().unwrap_or_default(),
-            stderr: self.stderr.join().unwrap_or_default(),
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
             elapsed: self.started.elapsed(),
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }

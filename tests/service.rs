@@ -9,9 +9,8 @@ use lab::peers::TempDir;
 use service::shm::ShmReader;
 use service::synced::Status;
 use service::time::Timestamp;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -154,53 +153,19 @@ fn the_command_line_wins_over_the_file() {
     );
 }
 
-/// A fient daemon, stopped with SIGTERM (and killed if it will not go).
-struct Daemon {
-    child: Child,
-}
+/// A fient daemon, stopped with SIGTERM (and killed if it will not go,
+/// or if the test fails first).
+struct Daemon(lab::harness::Spawned);
 
 impl Daemon {
     fn start(args: &[&str]) -> Daemon {
-        let child = Command::new(bin("fient"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn fient");
-        Daemon { child }
+        Daemon(lab::harness::spawn(Command::new(bin("fient")).args(args)))
     }
 
     /// SIGTERM, then its exit code and stderr.
-    fn stop(mut self) -> (Option<i32>, String) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let code = loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                break status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break None;
-            }
-            thread::sleep(Duration::from_millis(10));
-        };
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
-        (code, err)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn stop(self) -> (Option<i32>, String) {
+        let out = self.0.stop(Duration::from_secs(10));
+        (out.code(), out.stderr)
     }
 }
 
