@@ -314,7 +314,7 @@ impl Filter {
         // apart), clamped into the honest interval.
         let solved = solve(&points, newest, &self.config);
         let (offset, frequency) = match solved {
-            Some(s) => ((s.low + s.high).div_euclid(2), Some(s)),
+            Some(s) => (s.center, Some(s)),
             None => ((lo + hi).div_euclid(2), None),
         };
         let offset = offset.clamp(lo, hi);
@@ -335,9 +335,11 @@ impl Filter {
             offset: present(offset),
             low: present(lo),
             high: present(hi),
-            frequency_ppb: frequency.map(|s| ((s.f_low + s.f_high) / 2 / PPT_PER_PPB) as i64),
+            frequency_ppb: frequency.map(|s| (s.f_center / PPT_PER_PPB) as i64),
+            // Every feasible frequency lies within this of the one given.
             frequency_uncertainty_ppb: frequency.map(|s| {
-                ((s.f_high - s.f_low) / 2 + PPT_PER_PPB - 1).div_euclid(PPT_PER_PPB) as i64
+                let reach = (s.f_high - s.f_center).max(s.f_center - s.f_low);
+                (reach + PPT_PER_PPB - 1).div_euclid(PPT_PER_PPB) as i64
             }),
             samples: points.len(),
             syncs: self.history.len(),
@@ -410,13 +412,16 @@ pub fn next_interval(
 
 /// The set-membership solution at `now`: the range of offsets the lines
 /// through every (wander-widened) interval take at `now`, and the range of
-/// their frequencies, in ppt.
+/// their frequencies, in ppt; and the deepest line, the one with the most
+/// room on both sides (its offset now and its frequency).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Solution {
     low: i128,
     high: i128,
     f_low: i128,
     f_high: i128,
+    center: i128,
+    f_center: i128,
 }
 
 /// Solves the two-unknown linear program over `points` (see the module
@@ -470,6 +475,8 @@ fn solve(points: &[Point], now: i128, config: &FilterConfig) -> Option<Solution>
         high: high.max(low),
         f_low,
         f_high,
+        center: (a_lo(best) + a_hi(best) - 1).div_euclid(2),
+        f_center: best,
     })
 }
 
@@ -780,3 +787,4 @@ mod tests {
         }
     }
 }
+
