@@ -456,6 +456,20 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     status_kib(pid, "VmRSS:")
 }
 
+/// CPU time a process (all its threads, and its children that ended)
+/// has used, user and system, from `/proc/PID/stat` (in clock ticks,
+/// 10 ms).
+pub fn process_cpu(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: count fields after its ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime, stime, cutime, cstime: fields 14 to 17, here 11 to 14.
+    let ticks: u64 = fields.get(11..15)?.iter().filter_map(|f| f.parse::<u64>().ok()).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_nanos(ticks * 1_000_000_000 / hz))
+}
+
 /// Sends one probe from each of `count` distinct source addresses
 /// (127.1.x.y, all loopback), waiting briefly for each answer; returns how
 /// many were answered. Sockets are opened and closed one at a time.

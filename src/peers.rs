@@ -211,6 +211,11 @@ impl Chronyd {
         }
     }
 
+    /// The process id (chronyd -d stays in the foreground: this is it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What it has logged so far.
     pub fn log(&self) -> String {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()

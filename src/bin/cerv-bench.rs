@@ -71,7 +71,7 @@ enum Part {
 
 fn describe(name: &str, r: &LoadReport) -> String {
     format!(
-        "{name:>5}: {:>9.0} replies/s, lost {:>5}, invalid {}, rtt p50 {:>6.1} µs, p99 {:>7.1} µs, p99.9 {:>7.1} µs",
+        "{name:>10}: {:>9.0} replies/s, lost {:>5}, invalid {}, rtt p50 {:>6.1} µs, p99 {:>7.1} µs, p99.9 {:>7.1} µs",
         r.rate(),
         r.lost,
         r.invalid,
@@ -255,9 +255,11 @@ fn main() {
     }
 }
 
-/// Throughput of cerv's NTP port with plain NTP and with NTS, beside echo,
-/// in alternating runs: NTS costs the server an AEAD opening of the cookie,
-/// a check of the authenticator, a fresh cookie and a sealed reply.
+/// Throughput of cerv's NTP port with plain NTP and with NTS, beside echo
+/// and (when this machine has it) a `chronyd -x` serving both on the same
+/// certificate, in alternating runs: NTS costs a server an AEAD opening of
+/// the cookie, a check of the authenticator, a fresh cookie and a sealed
+/// reply.
 fn ntp_part(config: LoadConfig, runs: usize, echo: &EchoServer, cerv_args: &[String]) {
     let certs = lab::certs::TestCerts::generate();
     let (cert, key) = (
@@ -288,34 +290,114 @@ fn ntp_part(config: LoadConfig, runs: usize, echo: &EchoServer, cerv_args: &[Str
         credentials.ntp, ntp,
         "the key exchange names cerv's NTP port"
     );
+    // chronyd on the same certificate, never touching the clock.
+    let chrony = lab::peers::Peer::Chronyd.find().map(|chronyd| {
+        let port = lab::peers::free_udp_port("127.0.0.1");
+        let ke_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let conf = format!(
+            "port {port}\nbindaddress 127.0.0.1\nallow 127.0.0.1\nlocal stratum 1\nacquisitionport 0\nntsserverkey {key}\nntsservercert {cert}\nntsport {ke_port}\n"
+        );
+        let daemon = lab::peers::Chronyd::start(&chronyd, None, &conf, &[]);
+        let ke = SocketAddr::from(([127, 0, 0, 1], ke_port));
+        let started = std::time::Instant::now();
+        let credentials = loop {
+            match load::nts_credentials(ke, &certs.ca) {
+                Ok(c) => break c,
+                Err(e) if started.elapsed() > Duration::from_secs(10) => {
+                    panic!("NTS key exchange with chronyd: {e}\n{}", daemon.log())
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        };
+        (daemon, credentials)
+    });
     println!(
-        "\n## ntp: plain NTP and NTS to {ntp}, window {}, {} socket(s), {:?} per run",
-        config.window, config.sockets, config.duration
+        "\n## ntp: plain NTP and NTS to cerv {ntp}{}, window {}, {} socket(s), {:?} per run",
+        chrony
+            .as_ref()
+            .map(|(_, c)| format!(" and chronyd {}", c.ntp))
+            .unwrap_or_else(|| " (no chronyd here: .ci/peers unpacks one)".into()),
+        config.window,
+        config.sockets,
+        config.duration
     );
-    let mut ratios = Vec::new();
-    let mut to_echo = Vec::new();
+    // Per run: echo, cerv NTP, cerv NTS, chronyd NTP, chronyd NTS; the
+    // replies per second, and the server's CPU time per reply. On a
+    // machine of two cores the generator holds one, so a server may be
+    // held back by it rather than by its own work: the CPU time per reply
+    // is what a server saturated by clients would be limited by.
+    let mut rates: Vec<[f64; 5]> = Vec::new();
+    let mut costs: Vec<[f64; 5]> = Vec::new();
+    let chrony_pid = chrony.as_ref().map(|(d, _)| d.pid());
     for i in 0..runs {
-        let e = load::run(echo.addr(), Target::Echo, config).expect("echo run");
-        let plain = load::run(ntp, Target::Ntp, config).expect("NTP run");
-        let nts = load::run(ntp, Target::Nts(credentials.clone()), config).expect("NTS run");
+        let mut row = [f64::NAN; 5];
+        let mut cost = [f64::NAN; 5];
+        let mut loads: Vec<(&str, SocketAddr, Target, Option<u32>)> = vec![
+            ("echo", echo.addr(), Target::Echo, None),
+            ("cerv ntp", ntp, Target::Ntp, Some(cerv.pid())),
+            ("cerv nts", ntp, Target::Nts(credentials.clone()), Some(cerv.pid())),
+        ];
+        if let Some((_, c)) = &chrony {
+            loads.push(("chrony ntp", c.ntp, Target::Ntp, chrony_pid));
+            loads.push(("chrony nts", c.ntp, Target::Nts(c.clone()), chrony_pid));
+        }
         println!("run {}:", i + 1);
-        println!("  {}", describe("echo", &e));
-        println!("  {}", describe("ntp", &plain));
-        println!("  {}", describe("nts", &nts));
-        ratios.push((nts.rate() / plain.rate() * 1e4) as i64);
-        to_echo.push((
-            (plain.rate() / e.rate() * 1e4) as i64,
-            (nts.rate() / e.rate() * 1e4) as i64,
-        ));
+        for (k, (name, addr, target, pid)) in loads.into_iter().enumerate() {
+            let before = pid.and_then(load::process_cpu);
+            let r = load::run(addr, target, config).expect("load run");
+            let used = pid
+                .and_then(load::process_cpu)
+                .zip(before)
+                .map(|(a, b)| a.saturating_sub(b));
+            // The whole run, warm-up included, against every reply.
+            let replies = r.rate() * (config.duration.as_secs_f64() + 0.2);
+            let us = used.map_or(f64::NAN, |u| u.as_secs_f64() * 1e6 / replies.max(1.0));
+            println!("  {}, server CPU {us:.2} µs/reply", describe(name, &r));
+            row[k] = r.rate();
+            cost[k] = us;
+        }
+        rates.push(row);
+        costs.push(cost);
     }
-    let ratio = |v: &[i64]| median(v).unwrap_or(0) as f64 / 1e4;
-    let (plain, nts): (Vec<i64>, Vec<i64>) = to_echo.into_iter().unzip();
+    let ratio_of = |table: &[[f64; 5]], a: usize, b: usize| {
+        let v: Vec<i64> = table
+            .iter()
+            .filter(|r| r[a].is_finite() && r[b].is_finite() && r[b] > 0.0)
+            .map(|r| (r[a] / r[b] * 1e4) as i64)
+            .collect();
+        median(&v).map(|m| m as f64 / 1e4)
+    };
+    let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+    let ratio = |a, b| show(ratio_of(&rates, a, b));
+    // Capacity ratio: the CPU per reply of b over that of a.
+    let capacity = |a, b| show(ratio_of(&costs, b, a));
     println!(
-        "median throughput ratios: ntp/echo {:.3}, nts/echo {:.3}, nts/ntp {:.3}",
-        ratio(&plain),
-        ratio(&nts),
-        ratio(&ratios)
+        "median throughput ratios: cerv ntp/echo {}, cerv nts/echo {}, cerv nts/ntp {}",
+        ratio(1, 0),
+        ratio(2, 0),
+        ratio(2, 1)
     );
+    println!(
+        "median capacity ratios (server CPU per reply): cerv nts/ntp {}",
+        capacity(2, 1)
+    );
+    if chrony.is_some() {
+        println!(
+            "against chronyd: throughput cerv ntp/chrony ntp {}, cerv nts/chrony nts {}, chrony nts/ntp {}",
+            ratio(1, 3),
+            ratio(2, 4),
+            ratio(4, 3)
+        );
+        println!(
+            "against chronyd: capacity cerv ntp/chrony ntp {}, cerv nts/chrony nts {}, chrony nts/ntp {}",
+            capacity(1, 3),
+            capacity(2, 4),
+            capacity(4, 3)
+        );
+    }
     let (_, log) = cerv.stop();
     if let Some(line) = log.lines().find(|l| l.contains("server stopped")) {
         println!("cerv: {}", line.split("stats=").nth(1).unwrap_or(line));

@@ -275,7 +275,9 @@ impl NtpState {
         }
     }
 
-    /// The state to put in replies sent at `now` (on the server's clock).
+    /// The state to put in replies sent at `now` (on the server's clock),
+    /// read again from the kernel when it is [`REFRESH`] old. Call it once
+    /// per batch of replies, not per reply: the age check reads a clock.
     pub fn current(&mut self, now: Timestamp) -> &ServerState {
         if self.refreshed.is_none_or(|at| at.elapsed() >= REFRESH) {
             let kernel = clock::kernel_clock().unwrap_or_else(|e| {

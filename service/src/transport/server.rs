@@ -515,6 +515,8 @@ async fn write_replies(
         // the keys in force for the whole batch too.
         let now = clock.now();
         let keys_now = keys.as_ref().map(|k| k.current());
+        // The NTP face's account of the clock, once per batch.
+        let state = ntp_state.as_mut().map(|s| s.current(now));
         batch.clear();
         for out in taken.drain(..) {
             let to = out.to;
@@ -524,17 +526,15 @@ async fn write_replies(
                     batch.push(to, |buf| encode_cerv(out, now, auth, buf, &stats));
                 }
                 ReplyAs::Ntp(request) => {
-                    let Some(state) = ntp_state.as_mut() else {
+                    let Some(state) = state else {
                         continue;
                     };
-                    let state = state.current(now);
                     batch.push(to, |buf| encode_ntp(&request, out.reply, state, now, buf));
                 }
                 ReplyAs::Nts(nts) => {
-                    let Some(state) = ntp_state.as_mut() else {
+                    let Some(state) = state else {
                         continue;
                     };
-                    let state = state.current(now);
                     batch.push(to, |buf| {
                         encode_nts(&nts, out.reply, state, now, buf, &stats)
                     });
