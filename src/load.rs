@@ -464,7 +464,11 @@ pub fn process_cpu(pid: u32) -> Option<Duration> {
     // The command name may hold spaces: count fields after its ')'.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     // utime, stime, cutime, cstime: fields 14 to 17, here 11 to 14.
-    let ticks: u64 = fields.get(11..15)?.iter().filter_map(|f| f.parse::<u64>().ok()).sum();
+    let ticks: u64 = fields
+        .get(11..15)?
+        .iter()
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Some(Duration::from_nanos(ticks * 1_000_000_000 / hz))

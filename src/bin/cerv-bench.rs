@@ -338,7 +338,12 @@ fn ntp_part(config: LoadConfig, runs: usize, echo: &EchoServer, cerv_args: &[Str
         let mut loads: Vec<(&str, SocketAddr, Target, Option<u32>)> = vec![
             ("echo", echo.addr(), Target::Echo, None),
             ("cerv ntp", ntp, Target::Ntp, Some(cerv.pid())),
-            ("cerv nts", ntp, Target::Nts(credentials.clone()), Some(cerv.pid())),
+            (
+                "cerv nts",
+                ntp,
+                Target::Nts(credentials.clone()),
+                Some(cerv.pid()),
+            ),
         ];
         if let Some((_, c)) = &chrony {
             loads.push(("chrony ntp", c.ntp, Target::Ntp, chrony_pid));
