@@ -153,6 +153,30 @@ pub struct Spawned {
     started: Instant,
 }
 
+/// Asks `child` to stop with SIGTERM (if it still runs), waits at most
+/// `grace`, then kills it: its exit status, or `None` if it had to be
+/// killed.
+pub fn terminate(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+    if let Ok(None) = child.try_wait() {
+        // SAFETY: kill(2) on our own child's pid, not yet reaped.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + grace;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Starts `cmd` with its output collected.
 pub fn spawn(cmd: &mut Command) -> Spawned {
     let started = Instant::now();
@@ -181,24 +205,7 @@ impl Spawned {
     /// and returns what it wrote. `status` is `None` if it had to be
     /// killed.
     pub fn stop(mut self, grace: Duration) -> Finished {
-        if let Ok(None) = self.child.try_wait() {
-            // SAFETY: kill(2) on our own child's pid, not yet reaped.
-            unsafe {
-                libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-            }
-        }
-        let deadline = Instant::now() + grace;
-        let status = loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                break Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break None;
-            }
-            thread::sleep(Duration::from_millis(10));
-        };
+        let status = terminate(&mut self.child, grace);
         let (stdout, stderr) = self.output.take().expect("stopped once");
         Finished {
             status,
@@ -245,6 +252,34 @@ impl Cerv {
     /// (at most 10 s) until it logs that it is listening.
     pub fn start(args: &[&str]) -> Cerv {
         Self::start_on("127.0.0.1:0", args)
+    }
+
+    /// Starts `cerv` serving NTS with `certs`' good certificate: the key
+    /// exchange and NTP (stratum 1, so clients believe it) on free
+    /// loopback ports, no rate limit, then `args` (`--offset`, say).
+    pub fn start_nts(certs: &crate::certs::TestCerts, args: &[&str]) -> Cerv {
+        let (cert, key) = (
+            certs.good.cert.display().to_string(),
+            certs.good.key.display().to_string(),
+        );
+        let mut all = vec![
+            "--nts-ke-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--ntp-stratum",
+            "1",
+        ];
+        if !args.contains(&"--ntp-listen") {
+            all.extend(["--ntp-listen", "127.0.0.1:0"]);
+        }
+        if !args.iter().any(|a| a.starts_with("--rate-limit")) {
+            all.extend(["--rate-limit", "0"]);
+        }
+        all.extend_from_slice(args);
+        Self::start(&all)
     }
 
     /// Starts `cerv` listening on `listen`.
@@ -377,22 +412,7 @@ impl Cerv {
     /// Asks it to stop with SIGTERM and waits (at most 10 s, then SIGKILL);
     /// returns its exit status and its whole log.
     pub fn stop(mut self) -> (Option<ExitStatus>, String) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                break Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break None;
-            }
-            thread::sleep(Duration::from_millis(10));
-        };
+        let status = terminate(&mut self.child, Duration::from_secs(10));
         if let Some(reader) = self.log_reader.take() {
             let _ = reader.join();
         }

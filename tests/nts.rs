@@ -14,26 +14,7 @@ const MS: i64 = 1_000_000;
 
 /// cerv serving NTS (and plain NTP) with the good test certificate.
 fn cerv_nts(certs: &TestCerts, offset: &str) -> Cerv {
-    let (cert, key) = (
-        certs.good.cert.display().to_string(),
-        certs.good.key.display().to_string(),
-    );
-    Cerv::start(&[
-        "--offset",
-        offset,
-        "--ntp-listen",
-        "127.0.0.1:0",
-        "--ntp-stratum",
-        "1",
-        "--nts-ke-listen",
-        "127.0.0.1:0",
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-        "--rate-limit",
-        "0",
-    ])
+    Cerv::start_nts(certs, &["--offset", offset])
 }
 
 #[test]
@@ -264,24 +245,17 @@ fn man_in_the_middle(server: SocketAddr, attack: Attack) -> (SocketAddr, Arc<Ato
 /// cerv with NTS, its NTP on `ntp`, telling clients to use NTP port
 /// `announced` (where the man in the middle waits).
 fn cerv_nts_behind(certs: &TestCerts, ntp: u16, announced: u16) -> Cerv {
-    Cerv::start(&[
-        "--offset",
-        "+250ms",
-        "--ntp-listen",
-        &format!("127.0.0.1:{ntp}"),
-        "--ntp-stratum",
-        "1",
-        "--nts-ke-listen",
-        "127.0.0.1:0",
-        "--tls-cert",
-        &certs.good.cert.display().to_string(),
-        "--tls-key",
-        &certs.good.key.display().to_string(),
-        "--nts-ntp-port",
-        &announced.to_string(),
-        "--rate-limit",
-        "0",
-    ])
+    Cerv::start_nts(
+        certs,
+        &[
+            "--offset",
+            "+250ms",
+            "--ntp-listen",
+            &format!("127.0.0.1:{ntp}"),
+            "--nts-ntp-port",
+            &announced.to_string(),
+        ],
+    )
 }
 
 #[test]

@@ -266,23 +266,8 @@ fn ntp_part(config: LoadConfig, runs: usize, echo: &EchoServer, cerv_args: &[Str
         certs.good.cert.display().to_string(),
         certs.good.key.display().to_string(),
     );
-    let mut args: Vec<&str> = cerv_args.iter().map(String::as_str).collect();
-    args.extend([
-        "--ntp-listen",
-        "127.0.0.1:0",
-        "--ntp-stratum",
-        "1",
-        "--nts-ke-listen",
-        "127.0.0.1:0",
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-    ]);
-    if !args.iter().any(|a| a.starts_with("--rate-limit")) {
-        args.extend(["--rate-limit", "0"]);
-    }
-    let cerv = Cerv::start(&args);
+    let args: Vec<&str> = cerv_args.iter().map(String::as_str).collect();
+    let cerv = Cerv::start_nts(&certs, &args);
     let ke = cerv.stream_addr(service::source::Wire::Nts);
     let credentials = load::nts_credentials(ke, &certs.ca).expect("NTS key exchange with cerv");
     let ntp = cerv.ntp_addrs[0];
