@@ -58,11 +58,15 @@ fn spoofed_sources_leave_memory_flat_and_the_server_answering() {
         let out = fient(&[&server.target()]);
         assert_eq!(out.code(), Some(0), "{dispatch}: {}", out.stderr);
         // Inline keeps nothing per source; channels keep at most
-        // --max-peers (1024 here, about 14 KiB each).
+        // --max-peers (1024 here, about 14 KiB each: 14 MiB), and the
+        // allocator keeps what evicted peers freed while others were being
+        // made, more so on a busy machine (30 MiB was seen while the suite
+        // ran beside other builds). A table that grew with the sources
+        // would hold 20 000 peers, about 280 MiB: the limits are far below.
         let allowed_kib = if dispatch == "inline" {
-            4 * 1024
+            8 * 1024
         } else {
-            24 * 1024
+            64 * 1024
         };
         assert!(
             after.saturating_sub(before) < allowed_kib,
