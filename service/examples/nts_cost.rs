@@ -7,9 +7,9 @@
 //! cargo run --release -p service --example nts_cost
 //! ```
 
+use service::ntp::{self, HEADER_LEN, NtpTimestamp};
 use service::nts::aead::{self, NONCE_LEN};
 use service::nts::{Aead, CookieKeys, Key, MasterKeys, ef};
-use service::ntp::{self, HEADER_LEN, NtpTimestamp};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -50,7 +50,11 @@ fn main() {
     )
     .expect("request");
     request.truncate(len);
-    println!("request {} bytes, cookie {} bytes", request.len(), cookie.len());
+    println!(
+        "request {} bytes, cookie {} bytes",
+        request.len(),
+        cookie.len()
+    );
 
     let open = time("ef::open_request (cookie + authenticator)", || {
         black_box(ef::open_request(black_box(&request), &master).expect("opens"));
@@ -62,9 +66,15 @@ fn main() {
     let fresh = vec![master.seal(&opened.keys, &rand::random())];
     let mut out = vec![0u8; 1200];
     let reply = time("ef::write_reply (the reply sealed)", || {
-        black_box(ef::write_reply(&mut out, HEADER_LEN, &opened, &fresh, &rand::random()).expect("fits"));
+        black_box(
+            ef::write_reply(&mut out, HEADER_LEN, &opened, &fresh, &rand::random()).expect("fits"),
+        );
     });
-    println!("{:<44} {:>8.0} ns", "the server's NTS work per request", open + seal_cookie + reply);
+    println!(
+        "{:<44} {:>8.0} ns",
+        "the server's NTS work per request",
+        open + seal_cookie + reply
+    );
 
     let key = Key::generate();
     let nonce = [1u8; NONCE_LEN];
@@ -72,7 +82,10 @@ fn main() {
     for size in [0usize, 68, 104, 240] {
         let plain = vec![3u8; size];
         time(&format!("aead::seal, {size} bytes of plaintext"), || {
-            black_box(aead::seal(&key, &nonce, &request[..HEADER_LEN], &plain, &mut sealed).expect("fits"));
+            black_box(
+                aead::seal(&key, &nonce, &request[..HEADER_LEN], &plain, &mut sealed)
+                    .expect("fits"),
+            );
         });
     }
     time("Aes128Siv::new (the key schedule)", || {
