@@ -240,6 +240,13 @@ pub fn seconds(n: Nanos) -> f64 {
     n.as_nanos() as f64 / 1e9
 }
 
+/// A duration as seconds, printed in the fewest digits
+/// (`Duration::as_secs_f64` gives 15.780402390999999 where this gives
+/// 15.780402391).
+fn duration_seconds(d: Duration) -> f64 {
+    d.as_nanos() as f64 / 1e9
+}
+
 // ---------------------------------------------------------------------
 // The text format
 // ---------------------------------------------------------------------
@@ -442,7 +449,7 @@ pub fn render_cerv(m: &CervMetrics) -> String {
         Kind::Gauge,
         "How long the server has been running.",
     );
-    uptime.push(vec![], Value::Float(m.uptime.as_secs_f64()));
+    uptime.push(vec![], Value::Float(duration_seconds(m.uptime)));
     uptime.write(&mut out);
 
     counter(
@@ -674,7 +681,7 @@ pub fn render_fient(m: &FientMetrics) -> String {
         &mut out,
         "fient_last_sync_age_seconds",
         "How long ago the last successful sync was.",
-        m.last_sync_age.map(|d| Value::Float(d.as_secs_f64())),
+        m.last_sync_age.map(|d| Value::Float(duration_seconds(d))),
     );
     out
 }
@@ -1027,6 +1034,19 @@ mod tests {
         // The datagram listener has no connections.
         assert!(
             !text.contains(r#"cerv_connections_total{wire="ntp""#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn durations_print_in_the_fewest_digits() {
+        let m = CervMetrics {
+            uptime: Duration::from_nanos(15_780_402_391),
+            listeners: vec![],
+        };
+        let text = render_cerv(&m);
+        assert!(
+            text.contains("cerv_uptime_seconds 15.780402391\n"),
             "{text}"
         );
     }
