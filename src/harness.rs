@@ -116,32 +116,19 @@ fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
 
 /// Runs `cmd` to completion, killing it if it runs longer than `limit`.
 pub fn run(cmd: &mut Command, limit: Duration) -> Finished {
-    let started = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stdout = drain(child.stdout.take().expect("stdout"));
-    let stderr = drain(child.stderr.take().expect("stderr"));
+    let mut spawned = spawn(cmd);
     let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
+        if let Some(status) = spawned.child.try_wait().expect("wait") {
             break Some(status);
         }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
+        if spawned.started.elapsed() > limit {
+            let _ = spawned.child.kill();
+            let _ = spawned.child.wait();
             break None;
         }
         thread::sleep(Duration::from_millis(5));
     };
-    Finished {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-        elapsed: started.elapsed(),
-    }
+    spawned.finish(status)
 }
 
 /// A process running in the background whose output is being collected:
@@ -206,7 +193,12 @@ impl Spawned {
     /// killed.
     pub fn stop(mut self, grace: Duration) -> Finished {
         let status = terminate(&mut self.child, grace);
-        let (stdout, stderr) = self.output.take().expect("stopped once");
+        self.finish(status)
+    }
+
+    /// What it wrote, once it has ended with `status`.
+    fn finish(mut self, status: Option<ExitStatus>) -> Finished {
+        let (stdout, stderr) = self.output.take().expect("finished once");
         Finished {
             status,
             stdout: stdout.join().unwrap_or_default(),
