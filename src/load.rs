@@ -456,6 +456,48 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     status_kib(pid, "VmRSS:")
 }
 
+/// The CPUs this process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; sched_getaffinity writes
+    // at most its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    let ok = unsafe { libc::sched_getaffinity(0, size, &mut set) } == 0;
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: CPU_ISSET reads the set within its size.
+        .filter(|&c| ok && unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+/// Pins thread `tid` (0: the calling thread) to `cpu`.
+fn set_affinity(tid: libc::pid_t, cpu: usize) -> io::Result<()> {
+    // SAFETY: as in `allowed_cpus`; CPU_SET writes within the set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    if unsafe { libc::sched_setaffinity(tid, size, &set) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Pins the calling thread to `cpu`; the threads it starts afterwards
+/// (the generator's) inherit it.
+pub fn pin_thread(cpu: usize) -> io::Result<()> {
+    set_affinity(0, cpu)
+}
+
+/// Pins every thread of process `pid` to `cpu` (what `taskset -a -p -c`
+/// does); threads it starts later inherit the pinning of their parent.
+pub fn pin_process(pid: u32, cpu: usize) -> io::Result<()> {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        if let Some(tid) = entry?.file_name().to_str().and_then(|s| s.parse().ok()) {
+            set_affinity(tid, cpu)?;
+        }
+    }
+    Ok(())
+}
+
 /// CPU time a process (all its threads, and its children that ended)
 /// has used, user and system, from `/proc/PID/stat` (in clock ticks,
 /// 10 ms).

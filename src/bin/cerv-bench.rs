@@ -299,12 +299,28 @@ fn ntp_part(config: LoadConfig, runs: usize, echo: &EchoServer, cerv_args: &[Str
         };
         (daemon, credentials)
     });
+    // The generator on one CPU and the servers on another, so that neither
+    // waits for the other's core (the echo thread is left to the
+    // scheduler: it is the reference, not the subject).
+    let cpus = load::allowed_cpus();
+    let pinned = match (cpus.first(), cpus.last()) {
+        (Some(&generator), Some(&server)) if generator != server => {
+            let servers = std::iter::once(cerv.pid()).chain(chrony.as_ref().map(|(d, _)| d.pid()));
+            let ok = load::pin_thread(generator).is_ok()
+                && servers
+                    .map(|pid| load::pin_process(pid, server))
+                    .all(|r| r.is_ok());
+            ok.then(|| format!(", generator on CPU {generator}, servers on CPU {server}"))
+        }
+        _ => None,
+    };
     println!(
-        "\n## ntp: plain NTP and NTS to cerv {ntp}{}, window {}, {} socket(s), {:?} per run",
+        "\n## ntp: plain NTP and NTS to cerv {ntp}{}{}, window {}, {} socket(s), {:?} per run",
         chrony
             .as_ref()
             .map(|(_, c)| format!(" and chronyd {}", c.ntp))
             .unwrap_or_else(|| " (no chronyd here: .ci/peers unpacks one)".into()),
+        pinned.unwrap_or_default(),
         config.window,
         config.sockets,
         config.duration
