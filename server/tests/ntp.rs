@@ -158,14 +158,16 @@ async fn hostile_datagrams_never_crash_nor_amplify() {
 async fn a_reply_echoes_the_request_and_stamps_it() {
     let server = start(Nanos::from_millis(-40), RateLimit::OFF).await;
     let addr = server.ntp_addrs[0];
-    let reply = tokio::task::spawn_blocking(move || {
+    let (before, reply, after) = tokio::task::spawn_blocking(move || {
         let mut q = request(0x0123_4567_89ab_cdef);
         q[2] = 7; // poll
-        ask(addr, &q, Duration::from_secs(1))
+        let before = service::Clock::now(&SystemClock);
+        let reply = ask(addr, &q, Duration::from_secs(1));
+        (before, reply, service::Clock::now(&SystemClock))
     })
     .await
-    .unwrap()
-    .expect("reply");
+    .unwrap();
+    let reply = reply.expect("reply");
     let h = Header::read(&reply).unwrap();
     assert_eq!(h.origin, NtpTimestamp(0x0123_4567_89ab_cdef));
     assert_eq!((h.mode, h.version, h.poll), (Mode::Server, 4, 7));
@@ -174,13 +176,21 @@ async fn a_reply_echoes_the_request_and_stamps_it() {
         (Leap::None, 1, RefId::LOCAL)
     );
     assert!(h.precision < -10, "precision {}", h.precision);
-    let now = service::Clock::now(&SystemClock);
-    let ts2 = h.receive.to_timestamp(now);
-    let ts3 = h.transmit.to_timestamp(now);
-    // The server's clock is 40 ms behind ours; ts3 is read after ts2.
+    let ts2 = h.receive.to_timestamp(after);
+    let ts3 = h.transmit.to_timestamp(after);
+    // ts3 is read after ts2, and both while the request was out, on a
+    // clock 40 ms behind ours (NTP timestamps resolve 0.23 ns: allow 1 ns).
     assert!(ts2 <= ts3);
-    let behind = now.diff_i128(ts3);
-    assert!((39_000_000..41_000_000).contains(&behind), "{behind}");
+    let forty = Nanos::from_millis(40);
+    let ns = Nanos::from_nanos(1);
+    assert!(
+        ts2.saturating_add(forty).saturating_add(ns) >= before,
+        "{before:?} {ts2:?}"
+    );
+    assert!(
+        ts3.saturating_add(forty) <= after.saturating_add(ns),
+        "{ts3:?} {after:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
