@@ -301,6 +301,42 @@ impl Backs {
     }
 }
 
+/// What both kinds of relay start with: the stop flag, the counters, the
+/// sequence of scheduled chunks, where the back sockets go, and the
+/// scheduler thread that sends what is due.
+struct Core {
+    stop: Arc<AtomicBool>,
+    stats: Arc<RelayStats>,
+    seq: Arc<AtomicU64>,
+    backs: Arc<Mutex<Backs>>,
+    schedule: mpsc::SyncSender<Scheduled>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Core {
+    fn start(server: SocketAddr) -> Core {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(RelayStats::default());
+        let (schedule, queue) = mpsc::sync_channel::<Scheduled>(MAX_QUEUED);
+        let scheduler = thread::spawn({
+            let stop = stop.clone();
+            let stats = stats.clone();
+            move || run_scheduler(queue, &stop, &stats)
+        });
+        Core {
+            stop,
+            stats,
+            seq: Arc::new(AtomicU64::new(0)),
+            backs: Arc::new(Mutex::new(Backs {
+                server,
+                sockets: Vec::new(),
+            })),
+            schedule,
+            threads: vec![scheduler],
+        }
+    }
+}
+
 /// A running relay.
 pub struct Relay {
     addr: SocketAddr,
@@ -403,21 +439,14 @@ impl Relay {
         enable_timestamps(&*front)?;
         front.set_read_timeout(Some(POLL))?;
         let addr = front.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(RelayStats::default());
-        let seq = Arc::new(AtomicU64::new(0));
-        let backs = Arc::new(Mutex::new(Backs {
-            server,
-            sockets: Vec::new(),
-        }));
-        let (schedule, queue) = mpsc::sync_channel::<Scheduled>(MAX_QUEUED);
-        let mut threads = Vec::new();
-
-        threads.push(thread::spawn({
-            let stop = stop.clone();
-            let stats = stats.clone();
-            move || run_scheduler(queue, &stop, &stats)
-        }));
+        let Core {
+            stop,
+            stats,
+            seq,
+            backs,
+            schedule,
+            mut threads,
+        } = Core::start(server);
 
         let to_client_rng = Arc::new(Mutex::new(StdRng::seed_from_u64(seed ^ 0x5eed_0002)));
         let front_reader = Reader {
@@ -561,22 +590,16 @@ impl Relay {
         let listener = TcpListener::bind((server.ip(), 0))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(RelayStats::default());
-        let seq = Arc::new(AtomicU64::new(0));
         // Streams have no back sockets to reconnect: a retarget sends the
         // connections opened after it to the new server.
-        let backs = Arc::new(Mutex::new(Backs {
-            server,
-            sockets: Vec::new(),
-        }));
-        let (schedule, queue) = mpsc::sync_channel::<Scheduled>(MAX_QUEUED);
-        let mut threads = Vec::new();
-        threads.push(thread::spawn({
-            let stop = stop.clone();
-            let stats = stats.clone();
-            move || run_scheduler(queue, &stop, &stats)
-        }));
+        let Core {
+            stop,
+            stats,
+            seq,
+            backs,
+            schedule,
+            mut threads,
+        } = Core::start(server);
         let rngs = [0x5eed_0001, 0x5eed_0002]
             .map(|s| Arc::new(Mutex::new(StdRng::seed_from_u64(seed ^ s))));
         threads.push(thread::spawn({

@@ -147,14 +147,16 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
+    // The throughput runs' load: the window in flight, as fast as it goes.
+    let throughput = LoadConfig {
+        window: args.window,
+        sockets: args.sockets,
+        duration,
+        timeout: Duration::from_millis(200),
+        pace: Duration::ZERO,
+    };
     if wants(Part::Throughput) {
-        let config = LoadConfig {
-            window: args.window,
-            sockets: args.sockets,
-            duration,
-            timeout: Duration::from_millis(200),
-            pace: Duration::ZERO,
-        };
+        let config = throughput;
         println!(
             "\n## throughput: window {}, {} socket(s), {:?} per run",
             config.window, config.sockets, duration
@@ -244,14 +246,7 @@ fn main() {
         spoof_part(args.spoofed, &args.cerv_args);
     }
     if wants(Part::Ntp) {
-        let config = LoadConfig {
-            window: args.window,
-            sockets: args.sockets,
-            duration,
-            timeout: Duration::from_millis(200),
-            pace: Duration::ZERO,
-        };
-        ntp_part(config, args.runs, &echo, &args.cerv_args);
+        ntp_part(throughput, args.runs, &echo, &args.cerv_args);
     }
 }
 
