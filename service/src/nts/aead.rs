@@ -13,8 +13,8 @@
 //! Nonces may be any non-empty length; this crate always sends 16 random
 //! bytes, and accepts what peers send.
 
-use aes_siv::KeyInit;
-use aes_siv::siv::Aes128Siv;
+use aes::Aes128;
+use aes::cipher::{BlockCipherEncrypt, KeyInit};
 use std::fmt;
 use zeroize::Zeroize;
 
@@ -97,8 +97,11 @@ impl Key {
         &self.0
     }
 
-    fn cipher(&self) -> Aes128Siv {
-        Aes128Siv::new(&self.0.into())
+    /// The key prepared for use: worth keeping for a key that seals or
+    /// opens many messages (a server's master key), since preparing costs
+    /// about a quarter of a small message's sealing.
+    pub fn cipher(&self) -> Cipher {
+        Cipher::new(self)
     }
 }
 
@@ -157,7 +160,7 @@ pub fn seal(
     plaintext: &[u8],
     out: &mut [u8],
 ) -> Result<usize, AeadError> {
-    seal_components(key, &[ad, nonce], plaintext, out)
+    key.cipher().seal(nonce, ad, plaintext, out)
 }
 
 /// Decrypts tag ‖ ciphertext into `out` if it authenticates under `key`
@@ -170,12 +173,12 @@ pub fn open(
     ciphertext: &[u8],
     out: &mut [u8],
 ) -> Result<usize, AeadError> {
-    open_components(key, &[ad, nonce], ciphertext, out)
+    key.cipher().open(nonce, ad, ciphertext, out)
 }
 
 /// SIV over any list of components (the nonce last, when there is one).
 fn seal_components(
-    key: &Key,
+    siv: &Cipher,
     components: &[&[u8]],
     plaintext: &[u8],
     out: &mut [u8],
@@ -189,18 +192,15 @@ fn seal_components(
         .get_mut(..need)
         .ok_or(AeadError::BufferTooSmall { need, have })?
         .split_at_mut(TAG_LEN);
+    let tag = siv.s2v(components, plaintext);
     body.copy_from_slice(plaintext);
-    let tag = key
-        .cipher()
-        .encrypt_inout_detached(components, body.into())
-        // Only more than 126 components fail, and there are two.
-        .map_err(|_| AeadError::Authentication)?;
+    siv.ctr(&tag, body);
     tag_out.copy_from_slice(&tag);
     Ok(need)
 }
 
 fn open_components(
-    key: &Key,
+    siv: &Cipher,
     components: &[&[u8]],
     ciphertext: &[u8],
     out: &mut [u8],
@@ -218,17 +218,217 @@ fn open_components(
         .get_mut(..len)
         .ok_or(AeadError::BufferTooSmall { need: len, have })?;
     plain.copy_from_slice(body);
-    let mut siv_tag = aes_siv::Tag::default();
-    siv_tag.copy_from_slice(tag);
-    key.cipher()
-        .decrypt_inout_detached(components, plain.into(), &siv_tag)
-        .map_err(|_| {
-            // The crate re-encrypts on failure; make sure nothing of a
-            // forged message's keystream output is left either.
-            plain.fill(0);
-            AeadError::Authentication
-        })?;
+    let mut iv = [0u8; TAG_LEN];
+    iv.copy_from_slice(tag);
+    siv.ctr(&iv, plain);
+    if !constant_time_eq::constant_time_eq(&siv.s2v(components, plain), &iv) {
+        // Leave nothing of a forged message's decryption behind.
+        plain.fill(0);
+        return Err(AeadError::Authentication);
+    }
     Ok(len)
+}
+
+/// One 16-byte block.
+type Block = [u8; 16];
+
+/// AES-SIV (RFC 5297) with AES-128 on both halves of the key, written over
+/// the `aes` crate's block cipher: S2V over AES-CMAC (RFC 4493), then
+/// AES-CTR. It replaces the generic `aes-siv` crate on the server's hot
+/// path (four SIV operations per NTS request) because that crate's CMAC
+/// pays for a digest framework around every block and recomputes what
+/// depends on the key alone; this one derives the CMAC subkeys and
+/// S2V's first value, CMAC(zero), once per key, and runs CTR eight blocks
+/// at a time. The tests hold it to RFC 5297's vectors, to chrony's
+/// (nettle's) and, on random inputs, to the `aes-siv` crate itself.
+pub struct Cipher {
+    /// The CMAC half of the key.
+    mac: Aes128,
+    /// The CTR half of the key.
+    ctr: Aes128,
+    /// CMAC's subkeys: K1 for a final complete block, K2 for a padded one.
+    k1: Block,
+    k2: Block,
+    /// S2V's starting value, CMAC(K, 0^128).
+    d0: Block,
+}
+
+impl Cipher {
+    /// [`seal`] under this prepared key.
+    pub fn seal(
+        &self,
+        nonce: &[u8],
+        ad: &[u8],
+        plaintext: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, AeadError> {
+        seal_components(self, &[ad, nonce], plaintext, out)
+    }
+
+    /// [`open`] under this prepared key.
+    pub fn open(
+        &self,
+        nonce: &[u8],
+        ad: &[u8],
+        ciphertext: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, AeadError> {
+        open_components(self, &[ad, nonce], ciphertext, out)
+    }
+
+    fn new(key: &Key) -> Cipher {
+        let (mac_key, ctr_key) = key.0.split_at(KEY_LEN / 2);
+        let mac = Aes128::new_from_slice(mac_key).expect("16-byte half");
+        let ctr = Aes128::new_from_slice(ctr_key).expect("16-byte half");
+        let l = encrypt(&mac, [0; 16]);
+        let k1 = dbl(&l);
+        let k2 = dbl(&k1);
+        // CMAC of one complete zero block: E(0 xor K1).
+        let d0 = encrypt(&mac, k1);
+        Cipher {
+            mac,
+            ctr,
+            k1,
+            k2,
+            d0,
+        }
+    }
+
+    /// AES-CMAC over the concatenation of `parts`.
+    fn cmac(&self, parts: &[&[u8]]) -> Block {
+        let mut x = [0u8; 16];
+        let mut buf = [0u8; 16];
+        let mut fill = 0;
+        for part in parts {
+            let mut rest = *part;
+            while !rest.is_empty() {
+                // A full buffer is processed only once more bytes follow:
+                // the last block is special.
+                if fill == 16 {
+                    xor_into(&mut x, &buf);
+                    x = encrypt(&self.mac, x);
+                    fill = 0;
+                }
+                if fill == 0 && rest.len() > 16 {
+                    // Whole blocks straight from the input, keeping at
+                    // least one byte back for the buffer.
+                    let whole = (rest.len() - 1) / 16 * 16;
+                    for block in rest[..whole].chunks_exact(16) {
+                        xor_into(&mut x, block.try_into().expect("16 bytes"));
+                        x = encrypt(&self.mac, x);
+                    }
+                    rest = &rest[whole..];
+                }
+                let take = rest.len().min(16 - fill);
+                buf[fill..fill + take].copy_from_slice(&rest[..take]);
+                fill += take;
+                rest = &rest[take..];
+            }
+        }
+        if fill == 16 {
+            xor_into(&mut x, &buf);
+            xor_into(&mut x, &self.k1);
+        } else {
+            buf[fill] = 0x80;
+            buf[fill + 1..].fill(0);
+            xor_into(&mut x, &buf);
+            xor_into(&mut x, &self.k2);
+        }
+        let tag = encrypt(&self.mac, x);
+        buf.zeroize();
+        tag
+    }
+
+    /// S2V (RFC 5297 §2.4) over the associated-data components (the nonce
+    /// last) and the plaintext: the synthetic IV.
+    fn s2v(&self, components: &[&[u8]], plaintext: &[u8]) -> Block {
+        let mut d = self.d0;
+        for component in components {
+            d = dbl(&d);
+            xor_into(&mut d, &self.cmac(&[component]));
+        }
+        match plaintext.len().checked_sub(16) {
+            // T = P xorend D
+            Some(n) => {
+                let mut end = [0u8; 16];
+                end.copy_from_slice(&plaintext[n..]);
+                xor_into(&mut end, &d);
+                let tag = self.cmac(&[&plaintext[..n], &end]);
+                end.zeroize();
+                tag
+            }
+            // T = dbl(D) xor pad(P)
+            None => {
+                let mut t = dbl(&d);
+                for (t, p) in t.iter_mut().zip(plaintext) {
+                    *t ^= p;
+                }
+                t[plaintext.len()] ^= 0x80;
+                let tag = self.cmac(&[&t]);
+                t.zeroize();
+                tag
+            }
+        }
+    }
+
+    /// XORs `data` with the AES-CTR keystream from the IV `v`, its bits 63
+    /// and 31 cleared (RFC 5297 §2.5): encryption and decryption alike.
+    fn ctr(&self, v: &Block, data: &mut [u8]) {
+        /// Blocks per call: what the AES-NI backend runs in parallel.
+        const PAR: usize = 8;
+        let mut q = *v;
+        q[8] &= 0x7f;
+        q[12] &= 0x7f;
+        let mut counter = u128::from_be_bytes(q);
+        let mut stream = [aes::Block::default(); PAR];
+        for chunk in data.chunks_mut(16 * PAR) {
+            let blocks = chunk.len().div_ceil(16);
+            for block in &mut stream[..blocks] {
+                *block = counter.to_be_bytes().into();
+                counter = counter.wrapping_add(1);
+            }
+            self.ctr.encrypt_blocks(&mut stream[..blocks]);
+            for (data, key) in chunk.chunks_mut(16).zip(&stream) {
+                for (byte, key) in data.iter_mut().zip(key.iter()) {
+                    *byte ^= key;
+                }
+            }
+        }
+        for block in &mut stream {
+            block.zeroize();
+        }
+    }
+}
+
+impl fmt::Debug for Cipher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Cipher(<hidden>)")
+    }
+}
+
+impl Drop for Cipher {
+    fn drop(&mut self) {
+        // The AES key schedules wipe themselves (the `zeroize` feature).
+        self.k1.zeroize();
+        self.k2.zeroize();
+        self.d0.zeroize();
+    }
+}
+
+fn encrypt(aes: &Aes128, block: Block) -> Block {
+    let mut b = aes::Block::from(block);
+    aes.encrypt_block(&mut b);
+    b.into()
+}
+
+/// Doubling in GF(2^128) (RFC 5297 §2.3), in constant time.
+fn dbl(block: &Block) -> Block {
+    let x = u128::from_be_bytes(*block);
+    ((x << 1) ^ (0u128.wrapping_sub(x >> 127) & 0x87)).to_be_bytes()
+}
+
+fn xor_into(dst: &mut Block, src: &Block) {
+    *dst = (u128::from_ne_bytes(*dst) ^ u128::from_ne_bytes(*src)).to_ne_bytes();
 }
 
 #[cfg(test)]
@@ -271,14 +471,14 @@ mod tests {
             "7bdb6e3b 432667eb 06f4d14b ff2fbd0f cb900f2f ddbe4043 26601965 c889bf17 dba77ceb 094fa663 b7a3f748 ba8af829 ea64ad54 4a272e9c 485b62a3 fd5c0d",
         );
         let mut out = vec![0u8; want.len()];
-        let n = seal_components(&k, &[&ad1, &ad2, &nonce], &pt, &mut out).unwrap();
+        let n = seal_components(&k.cipher(), &[&ad1, &ad2, &nonce], &pt, &mut out).unwrap();
         assert_eq!(out[..n], want[..]);
         let mut back = vec![0u8; pt.len()];
-        let n = open_components(&k, &[&ad1, &ad2, &nonce], &want, &mut back).unwrap();
+        let n = open_components(&k.cipher(), &[&ad1, &ad2, &nonce], &want, &mut back).unwrap();
         assert_eq!(back[..n], pt[..]);
         // The nonce moved in front of the associated data is another message.
         assert_eq!(
-            open_components(&k, &[&nonce, &ad1, &ad2], &want, &mut back),
+            open_components(&k.cipher(), &[&nonce, &ad1, &ad2], &want, &mut back),
             Err(AeadError::Authentication)
         );
     }
@@ -378,6 +578,31 @@ mod tests {
     }
 
     proptest! {
+        /// The same bytes as RustCrypto's `aes-siv` crate (what this
+        /// module replaced) on random keys, components and plaintexts,
+        /// across block boundaries and CTR's eight-block chunks.
+        #[test]
+        fn agrees_with_the_aes_siv_crate(
+            key in any::<[u8; KEY_LEN]>(),
+            components in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..70), 1..4),
+            pt in prop::collection::vec(any::<u8>(), 0..300),
+        ) {
+            use aes_siv::KeyInit;
+            let parts: Vec<&[u8]> = components.iter().map(Vec::as_slice).collect();
+            let mut want = pt.clone();
+            let tag = aes_siv::siv::Aes128Siv::new(&key.into())
+                .encrypt_inout_detached(&parts, (&mut want[..]).into())
+                .unwrap();
+            let mut out = vec![0u8; TAG_LEN + pt.len()];
+            let k = Key::from_bytes(key);
+            prop_assert_eq!(seal_components(&k.cipher(), &parts, &pt, &mut out), Ok(out.len()));
+            prop_assert_eq!(&out[..TAG_LEN], &tag[..]);
+            prop_assert_eq!(&out[TAG_LEN..], &want[..]);
+            let mut back = vec![0u8; pt.len()];
+            prop_assert_eq!(open_components(&k.cipher(), &parts, &out, &mut back), Ok(pt.len()));
+            prop_assert_eq!(back, pt);
+        }
+
         #[test]
         fn seal_then_open_round_trips_and_any_change_fails(
             key in any::<[u8; KEY_LEN]>(),

@@ -22,7 +22,7 @@
 //! cookies). Clients get fresh cookies with every reply, so only a client
 //! silent for that long needs NTS-KE again.
 
-use super::aead::{self, Aead, Key, NONCE_LEN, TAG_LEN};
+use super::aead::{self, Aead, Cipher, Key, NONCE_LEN, TAG_LEN};
 use std::collections::VecDeque;
 use zeroize::Zeroize;
 
@@ -71,7 +71,17 @@ pub enum CookieError {
 
 struct MasterKey {
     id: u32,
-    key: Key,
+    /// Prepared once: every request opens a cookie and seals another.
+    cipher: Cipher,
+}
+
+impl MasterKey {
+    fn new(id: u32, key: &Key) -> MasterKey {
+        MasterKey {
+            id,
+            cipher: key.cipher(),
+        }
+    }
 }
 
 /// The server's master keys: the current one seals, all of them open.
@@ -101,7 +111,7 @@ impl MasterKeys {
     /// Like [`MasterKeys::new`], keeping `keep` keys (at least 1).
     pub fn with_keep(id: u32, key: Key, keep: usize) -> MasterKeys {
         let mut keys = VecDeque::with_capacity(keep.max(1));
-        keys.push_front(MasterKey { id, key });
+        keys.push_front(MasterKey::new(id, &key));
         MasterKeys {
             keys,
             keep: keep.max(1),
@@ -118,7 +128,7 @@ impl MasterKeys {
     /// share master keys stay in step by rotating the same keys.
     pub fn rotate(&mut self, key: Key) {
         let id = self.current_id().wrapping_add(1);
-        self.keys.push_front(MasterKey { id, key });
+        self.keys.push_front(MasterKey::new(id, &key));
         self.keys.truncate(self.keep);
     }
 
@@ -154,13 +164,9 @@ impl MasterKeys {
         cookie[..KEY_ID_LEN].copy_from_slice(&id);
         cookie[KEY_ID_LEN..KEY_ID_LEN + NONCE_LEN].copy_from_slice(nonce);
         // The buffer is exactly the right size and the nonce is not empty.
-        let _ = aead::seal(
-            &master.key,
-            nonce,
-            &id,
-            &plain,
-            &mut cookie[KEY_ID_LEN + NONCE_LEN..],
-        );
+        let _ = master
+            .cipher
+            .seal(nonce, &id, &plain, &mut cookie[KEY_ID_LEN + NONCE_LEN..]);
         plain.zeroize();
         cookie
     }
@@ -179,7 +185,7 @@ impl MasterKeys {
             .find(|k| k.id == key_id)
             .ok_or(CookieError::UnknownKey(key_id))?;
         let mut plain = [0u8; PLAIN_LEN];
-        let opened = aead::open(&master.key, nonce, id, sealed, &mut plain);
+        let opened = master.cipher.open(nonce, id, sealed, &mut plain);
         let result = match opened {
             Err(_) => Err(CookieError::Tag),
             Ok(_) => {
