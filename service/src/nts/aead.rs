@@ -13,7 +13,7 @@
 //! Nonces may be any non-empty length; this crate always sends 16 random
 //! bytes, and accepts what peers send.
 
-use aes::Aes128;
+use aes::Aes128Enc;
 use aes::cipher::{BlockCipherEncrypt, KeyInit};
 use std::fmt;
 use zeroize::Zeroize;
@@ -243,9 +243,9 @@ type Block = [u8; 16];
 /// (nettle's) and, on random inputs, to the `aes-siv` crate itself.
 pub struct Cipher {
     /// The CMAC half of the key.
-    mac: Aes128,
+    mac: Aes128Enc,
     /// The CTR half of the key.
-    ctr: Aes128,
+    ctr: Aes128Enc,
     /// CMAC's subkeys: K1 for a final complete block, K2 for a padded one.
     k1: Block,
     k2: Block,
@@ -278,8 +278,8 @@ impl Cipher {
 
     fn new(key: &Key) -> Cipher {
         let (mac_key, ctr_key) = key.0.split_at(KEY_LEN / 2);
-        let mac = Aes128::new_from_slice(mac_key).expect("16-byte half");
-        let ctr = Aes128::new_from_slice(ctr_key).expect("16-byte half");
+        let mac = Aes128Enc::new_from_slice(mac_key).expect("16-byte half");
+        let ctr = Aes128Enc::new_from_slice(ctr_key).expect("16-byte half");
         let l = encrypt(&mac, [0; 16]);
         let k1 = dbl(&l);
         let k2 = dbl(&k1);
@@ -415,7 +415,7 @@ impl Drop for Cipher {
     }
 }
 
-fn encrypt(aes: &Aes128, block: Block) -> Block {
+fn encrypt(aes: &Aes128Enc, block: Block) -> Block {
     let mut b = aes::Block::from(block);
     aes.encrypt_block(&mut b);
     b.into()
