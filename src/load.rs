@@ -20,6 +20,7 @@ use service::nts::{self, Key, ef};
 use service::wire::{self, Call, ClientFrame, DatagramBuf, MAX_DATAGRAM, Reply};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -152,6 +153,11 @@ pub struct LoadConfig {
     /// At most one request per this interval and socket (zero: as fast as
     /// the window allows).
     pub pace: Duration,
+    /// Poll for replies instead of sleeping until one comes: a generator
+    /// that never sleeps costs the server no wake-ups (on loopback the
+    /// sender of a datagram pays for waking its receiver), so the server
+    /// is measured alone. Only with the generator on a core of its own.
+    pub spin: bool,
 }
 
 /// What a load run measured.
@@ -181,160 +187,389 @@ impl LoadReport {
     }
 }
 
+/// Datagrams per batched system call, in the generator and in the echo.
+const BATCH: usize = 64;
+/// Room for one datagram in a batch: an NTS request or reply is a few
+/// hundred bytes, every other one 48; a longer one is cut, flagged, and
+/// counted invalid.
+const SLOT: usize = 512;
+
+/// Buffers for one `sendmmsg` or `recvmmsg` of up to [`BATCH`] datagrams,
+/// with their lengths and (for the echo's unconnected socket) their peers'
+/// addresses. The kernel's headers point into these buffers, so they are
+/// built for each call, a few stores per datagram.
+struct Mmsg {
+    bufs: Box<[[u8; SLOT]; BATCH]>,
+    lens: [usize; BATCH],
+    names: Box<[libc::sockaddr_storage; BATCH]>,
+    namelens: [libc::socklen_t; BATCH],
+    truncated: [bool; BATCH],
+}
+
+impl Mmsg {
+    fn new() -> Mmsg {
+        Mmsg {
+            bufs: Box::new([[0; SLOT]; BATCH]),
+            lens: [0; BATCH],
+            // SAFETY: an all-zero sockaddr_storage is valid (AF_UNSPEC).
+            names: Box::new(unsafe { std::mem::zeroed() }),
+            namelens: [0; BATCH],
+            truncated: [false; BATCH],
+        }
+    }
+
+    /// Calls `f` with headers for datagrams `0..n`: for receiving (whole
+    /// slots) or for sending (their lengths); with peer addresses when
+    /// `named`.
+    fn with_headers<R>(
+        &mut self,
+        n: usize,
+        named: bool,
+        receiving: bool,
+        f: impl FnOnce(&mut [libc::mmsghdr]) -> R,
+    ) -> R {
+        // SAFETY: zeroed iovecs and headers are valid; every pointer set
+        // here points into `self` or `iovs`, which outlive `f`.
+        let mut iovs: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+        let mut headers: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for i in 0..n {
+            iovs[i] = libc::iovec {
+                iov_base: self.bufs[i].as_mut_ptr().cast(),
+                iov_len: if receiving { SLOT } else { self.lens[i] },
+            };
+            let h = &mut headers[i].msg_hdr;
+            if named {
+                h.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+                h.msg_namelen = if receiving {
+                    std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t
+                } else {
+                    self.namelens[i]
+                };
+            }
+            h.msg_iov = &mut iovs[i];
+            h.msg_iovlen = 1;
+        }
+        f(&mut headers[..n])
+    }
+
+    /// Receives what is waiting, up to [`BATCH`] datagrams: blocking (up
+    /// to the socket's read timeout) for the first, or, when `spin`, none
+    /// if none is waiting.
+    fn recv(&mut self, fd: RawFd, named: bool, spin: bool) -> io::Result<usize> {
+        let mut got = [(0usize, 0 as libc::socklen_t, false); BATCH];
+        let n = self.with_headers(BATCH, named, true, |headers| {
+            // SAFETY: the headers are valid, as built above.
+            let n = unsafe {
+                libc::recvmmsg(
+                    fd,
+                    headers.as_mut_ptr(),
+                    headers.len() as libc::c_uint,
+                    if spin {
+                        libc::MSG_DONTWAIT
+                    } else {
+                        libc::MSG_WAITFORONE
+                    },
+                    std::ptr::null_mut(),
+                )
+            };
+            for (g, h) in got.iter_mut().zip(headers.iter()).take(n.max(0) as usize) {
+                *g = (
+                    h.msg_len as usize,
+                    h.msg_hdr.msg_namelen,
+                    h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+                );
+            }
+            n
+        });
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        for (i, &(len, namelen, truncated)) in got.iter().enumerate().take(n as usize) {
+            self.lens[i] = len.min(SLOT);
+            self.namelens[i] = namelen;
+            self.truncated[i] = truncated;
+        }
+        Ok(n as usize)
+    }
+
+    /// Sends datagrams `start..n` (to their peers, when `named`); returns
+    /// how many the kernel took.
+    fn send(&mut self, fd: RawFd, n: usize, named: bool) -> io::Result<usize> {
+        if n == 0 {
+            return Ok(0);
+        }
+        let sent = self.with_headers(n, named, false, |headers| {
+            // SAFETY: the headers are valid, as built above.
+            unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), headers.len() as libc::c_uint, 0) }
+        });
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(sent as usize)
+    }
+
+    fn datagram(&self, i: usize) -> &[u8] {
+        &self.bufs[i][..self.lens[i]]
+    }
+}
+
+/// Round trips as they come in: a counter per 32 ns up to about 4 ms (an
+/// increment in a flat array), the rare longer ones straight into the
+/// histogram, which is built after the run.
+struct RttLog {
+    fine: Vec<u32>,
+    coarse: Histogram<u64>,
+}
+
+const FINE_SHIFT: u32 = 5;
+const FINE_BUCKETS: usize = 1 << 17;
+
+impl RttLog {
+    fn new() -> io::Result<RttLog> {
+        Ok(RttLog {
+            fine: vec![0; FINE_BUCKETS],
+            coarse: new_histogram()?,
+        })
+    }
+
+    fn record(&mut self, ns: u64) {
+        match self.fine.get_mut((ns >> FINE_SHIFT) as usize) {
+            Some(n) => *n += 1,
+            None => {
+                let _ = self.coarse.record(ns);
+            }
+        }
+    }
+
+    /// Every round trip; each short one at the middle of its bucket.
+    fn into_histogram(self) -> Histogram<u64> {
+        let mut h = self.coarse;
+        for (bucket, &n) in self.fine.iter().enumerate() {
+            if n > 0 {
+                let mid = ((bucket as u64) << FINE_SHIFT) + (1 << (FINE_SHIFT - 1));
+                let _ = h.record_n(mid, u64::from(n));
+            }
+        }
+        h
+    }
+}
+
+fn new_histogram() -> io::Result<Histogram<u64>> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
+        .map_err(|e| io::Error::other(e.to_string()))
+}
+
+/// Writes request `id` into `buf` (for NTS, its slot's sealed packet);
+/// returns its length.
+fn write_request(
+    kind: &Target,
+    sealed: Option<&[u8]>,
+    id: u64,
+    ts1: service::Timestamp,
+    timeout: Duration,
+    scratch: &mut DatagramBuf,
+    buf: &mut [u8; SLOT],
+) -> usize {
+    match (kind, sealed) {
+        (Target::Cerv | Target::Echo, _) => {
+            let (len, _) = wire::encode_client(
+                &ClientFrame::Request {
+                    id,
+                    deadline: timeout,
+                    call: Call::Probe { ts1 },
+                },
+                scratch,
+                None,
+            );
+            let len = len.min(SLOT);
+            buf[..len].copy_from_slice(&scratch[..len]);
+            len
+        }
+        // Transmit timestamps start at 1: a zero origin is never a match.
+        (Target::Ntp, _) => ntp::write_request(NtpTimestamp(id + 1), 0, buf),
+        (Target::Nts(_), Some(packet)) => {
+            let len = packet.len().min(SLOT);
+            buf[..len].copy_from_slice(&packet[..len]);
+            len
+        }
+        (Target::Nts(_), None) => 0,
+    }
+}
+
+/// The request a reply answers, if it checks out.
+fn answers(
+    kind: &Target,
+    sealed: Option<&SealedRequests>,
+    ring_len: usize,
+    verify: bool,
+    bytes: &[u8],
+) -> Option<Answers> {
+    match kind {
+        Target::Cerv => match wire::decode_server(bytes, None, |_| None) {
+            Ok(frame) if matches!(frame.reply, Reply::Probe { .. }) => Some(Answers::Id(frame.id)),
+            _ => None,
+        },
+        Target::Echo => match wire::decode_client(bytes, None) {
+            Ok((ClientFrame::Request { id, .. }, _)) => Some(Answers::Id(id)),
+            _ => None,
+        },
+        Target::Ntp => ntp::Header::read(bytes)
+            .map(|h| h.origin)
+            .filter(|&origin| ntp::check_reply(bytes, origin).is_ok())
+            .map(|origin| Answers::Id(origin.0 - 1)),
+        Target::Nts(credentials) => ntp::Header::read(bytes)
+            .map(|h| h.origin)
+            .filter(|&origin| {
+                bytes.len() > HEADER_LEN
+                    && (1..=ring_len as u64).contains(&origin.0)
+                    && ntp::check_reply(bytes, origin).is_ok()
+            })
+            .map(|origin| origin.0 as usize - 1)
+            .filter(|&slot| {
+                !verify
+                    || sealed.is_some_and(|s| {
+                        ef::check_reply(bytes, &s.uids[slot], &credentials.s2c).is_ok()
+                    })
+            })
+            .map(Answers::Slot),
+    }
+}
+
+/// A request in flight.
+#[derive(Clone, Copy)]
+struct InFlight {
+    id: u64,
+    /// When it left, nanoseconds after the run's start.
+    sent: u64,
+}
+
 /// One socket's share of the load.
+///
+/// The generator must be the fastest thing in the room (DESIGN.md, *keep
+/// the generator out of the way*), or a ratio to echo measures the
+/// generator. So its I/O is batched: one `sendmmsg` for every request the
+/// window has room for, one `recvmmsg` for every reply waiting; the clock
+/// is read once per batch; per reply it does a lookup in a ring and an
+/// increment in a flat array of 32 ns buckets.
 fn run_socket(
     target: SocketAddr,
     kind: Target,
     window: usize,
     config: LoadConfig,
+    started: Instant,
     start_measuring: Instant,
     stop_at: Instant,
 ) -> io::Result<LoadReport> {
     let socket = UdpSocket::bind((target.ip(), 0))?;
     socket.connect(target)?;
     socket.set_read_timeout(Some(Duration::from_millis(5)))?;
+    let fd = socket.as_raw_fd();
     let clock = SystemClock;
-    // In flight: id -> send time, in a ring indexed by id (ids are sequential
-    // and the window is far smaller than the ring).
+    let ns = |t: Instant| t.saturating_duration_since(started).as_nanos() as u64;
+    let (measure_from, stop_ns) = (ns(start_measuring), ns(stop_at));
+    // In flight, in a ring indexed by id (ids are sequential and the
+    // window is far smaller than the ring).
     let ring_len = (window * 4).next_power_of_two().max(64);
-    let mut in_flight: Vec<Option<(u64, Instant)>> = vec![None; ring_len];
+    let mut ring: Vec<Option<InFlight>> = vec![None; ring_len];
     let mut outstanding = 0usize;
     let mut next_id = 0u64;
-    let mut tx: DatagramBuf = [0; MAX_DATAGRAM];
-    let mut rx = [0u8; 2048];
+    let mut scratch: DatagramBuf = [0; MAX_DATAGRAM];
+    let (mut tx, mut rx) = (Mmsg::new(), Mmsg::new());
     let sealed = match &kind {
         Target::Nts(credentials) => Some(SealedRequests::seal(credentials, ring_len)?),
         _ => None,
     };
-    let mut rtt = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
-        .map_err(|e| io::Error::other(e.to_string()))?;
+    let mut rtt = RttLog::new()?;
     let (mut replies, mut lost, mut invalid) = (0u64, 0u64, 0u64);
-    let mut last_sweep = Instant::now();
-    let mut next_send = Instant::now();
+    let mut last_sweep = 0u64;
+    let mut next_send = 0u64;
+    let pace = config.pace.as_nanos() as u64;
+    let timeout = config.timeout.as_nanos() as u64;
 
-    while Instant::now() < stop_at {
-        while outstanding < window {
-            if !config.pace.is_zero() {
-                let now = Instant::now();
-                if now < next_send {
-                    break;
-                }
-                next_send = now + config.pace;
-            }
-            let id = next_id;
-            next_id += 1;
-            let slot = (id as usize) & (ring_len - 1);
-            if in_flight[slot].is_some() {
-                // The ring wrapped onto a request still in flight: it is
-                // far older than the timeout allows; count it lost.
-                lost += 1;
-                outstanding -= 1;
-            }
-            let request: &[u8] = match (&kind, &sealed) {
-                (Target::Cerv | Target::Echo, _) => {
-                    let (len, _) = wire::encode_client(
-                        &ClientFrame::Request {
-                            id,
-                            deadline: config.timeout,
-                            call: Call::Probe { ts1: clock.now() },
-                        },
-                        &mut tx,
-                        None,
-                    );
-                    &tx[..len]
-                }
-                (Target::Ntp, _) => {
-                    let len = ntp::write_request(NtpTimestamp(id + 1), 0, &mut tx);
-                    &tx[..len]
-                }
-                (Target::Nts(_), Some(sealed)) => &sealed.packets[slot],
-                (Target::Nts(_), None) => unreachable!("sealed before the loop"),
-            };
-            let sent_at = Instant::now();
-            match socket.send(request) {
-                Ok(_) => {
-                    in_flight[slot] = Some((id, sent_at));
-                    outstanding += 1;
-                }
-                Err(_) => {
-                    lost += 1;
-                    break;
-                }
-            }
+    loop {
+        let now = ns(Instant::now());
+        if now >= stop_ns {
+            break;
         }
-        if !config.pace.is_zero() && outstanding == 0 {
+        // Fill the window, in one system call.
+        let mut room = (window - outstanding).min(BATCH);
+        if pace > 0 {
+            room = room.min(usize::from(now >= next_send));
+        }
+        if room > 0 {
+            let ts1 = clock.now();
+            for k in 0..room {
+                let id = next_id + k as u64;
+                let slot = (id as usize) & (ring_len - 1);
+                tx.lens[k] = write_request(
+                    &kind,
+                    sealed.as_ref().map(|s| s.packets[slot].as_slice()),
+                    id,
+                    ts1,
+                    config.timeout,
+                    &mut scratch,
+                    &mut tx.bufs[k],
+                );
+            }
+            let sent_at = ns(Instant::now());
+            // A refused or failed send: the requests are lost.
+            let sent = tx.send(fd, room, false).unwrap_or(0);
+            lost += (room - sent) as u64;
+            for k in 0..sent {
+                let id = next_id + k as u64;
+                let slot = &mut ring[(id as usize) & (ring_len - 1)];
+                if slot.is_some() {
+                    // The ring wrapped onto a request still in flight: it
+                    // is far older than the timeout allows; count it lost.
+                    lost += 1;
+                    outstanding -= 1;
+                }
+                *slot = Some(InFlight { id, sent: sent_at });
+                outstanding += 1;
+            }
+            next_id += room as u64;
+            next_send = sent_at + pace;
+        }
+        if pace > 0 && outstanding == 0 {
             // Nothing in flight: wait for the next send time.
-            std::thread::sleep(next_send.saturating_duration_since(Instant::now()));
+            let wait = next_send.min(stop_ns).saturating_sub(ns(Instant::now()));
+            thread::sleep(Duration::from_nanos(wait));
             continue;
         }
-        match socket.recv(&mut rx) {
-            Ok(n) => {
-                let now = Instant::now();
-                let answers = match &kind {
-                    Target::Cerv => match wire::decode_server(&rx[..n], None, |_| None) {
-                        Ok(frame) if matches!(frame.reply, Reply::Probe { .. }) => {
-                            Some(Answers::Id(frame.id))
-                        }
-                        _ => None,
-                    },
-                    Target::Echo => match wire::decode_client(&rx[..n], None) {
-                        Ok((ClientFrame::Request { id, .. }, _)) => Some(Answers::Id(id)),
-                        _ => None,
-                    },
-                    Target::Ntp => ntp::Header::read(&rx[..n])
-                        .map(|h| h.origin)
-                        .filter(|&origin| ntp::check_reply(&rx[..n], origin).is_ok())
-                        .map(|origin| Answers::Id(origin.0 - 1)),
-                    Target::Nts(credentials) => ntp::Header::read(&rx[..n])
-                        .map(|h| h.origin)
-                        .filter(|&origin| {
-                            n > HEADER_LEN
-                                && (1..=ring_len as u64).contains(&origin.0)
-                                && ntp::check_reply(&rx[..n], origin).is_ok()
-                        })
-                        .map(|origin| origin.0 as usize - 1)
-                        .filter(|&slot| {
-                            (replies + invalid) % NTS_VERIFY_EVERY != 0
-                                || sealed.as_ref().is_some_and(|s| {
-                                    ef::check_reply(&rx[..n], &s.uids[slot], &credentials.s2c)
-                                        .is_ok()
-                                })
-                        })
-                        .map(Answers::Slot),
+        // Every reply waiting (blocking for the first, 5 ms at most,
+        // unless spinning).
+        let got = rx.recv(fd, false, config.spin).unwrap_or(0);
+        let now = ns(Instant::now());
+        for i in 0..got {
+            let verify = (replies + invalid) % NTS_VERIFY_EVERY == 0;
+            let checked = (!rx.truncated[i])
+                .then(|| answers(&kind, sealed.as_ref(), ring_len, verify, rx.datagram(i)))
+                .flatten();
+            let matched = checked.and_then(|a| {
+                let (slot, id) = match a {
+                    Answers::Id(id) => ((id as usize) & (ring_len - 1), Some(id)),
+                    Answers::Slot(slot) => (slot, None),
                 };
-                let matched = answers.and_then(|a| {
-                    let (slot, id) = match a {
-                        Answers::Id(id) => ((id as usize) & (ring_len - 1), Some(id)),
-                        Answers::Slot(slot) => (slot, None),
-                    };
-                    let (sid, sent_at) = in_flight[slot]?;
-                    (id.is_none_or(|id| id == sid)).then_some((slot, sent_at))
-                });
-                match matched {
-                    Some((slot, sent_at)) => {
-                        in_flight[slot] = None;
-                        outstanding -= 1;
-                        if sent_at >= start_measuring {
-                            replies += 1;
-                            let _ = rtt.record((now - sent_at).as_nanos() as u64);
-                        }
+                let flight = ring[slot]?;
+                id.is_none_or(|id| id == flight.id)
+                    .then_some((slot, flight.sent))
+            });
+            match matched {
+                Some((slot, sent)) => {
+                    ring[slot] = None;
+                    outstanding -= 1;
+                    if sent >= measure_from {
+                        replies += 1;
+                        rtt.record(now.saturating_sub(sent));
                     }
-                    _ => invalid += 1,
                 }
+                None => invalid += 1,
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => {}
         }
-        if last_sweep.elapsed() >= Duration::from_millis(10) {
-            last_sweep = Instant::now();
-            for slot in in_flight.iter_mut() {
-                if let Some((_, sent_at)) = slot
-                    && sent_at.elapsed() > config.timeout
-                {
+        if now.saturating_sub(last_sweep) >= 10_000_000 {
+            last_sweep = now;
+            for slot in ring.iter_mut() {
+                if slot.is_some_and(|f| now.saturating_sub(f.sent) > timeout) {
                     *slot = None;
                     outstanding -= 1;
                     lost += 1;
@@ -347,16 +582,19 @@ fn run_socket(
         lost,
         invalid,
         elapsed: stop_at.saturating_duration_since(start_measuring),
-        rtt,
+        rtt: rtt.into_histogram(),
     })
 }
 
 /// Loads `target` as `config` says and merges what every socket measured.
+/// The generator's threads run where the calling thread may (see
+/// [`pin_thread`]).
 pub fn run(target: SocketAddr, kind: Target, config: LoadConfig) -> io::Result<LoadReport> {
     let sockets = config.sockets.clamp(1, 1024);
     let duration = config.duration.min(MAX_DURATION);
     let warmup = Duration::from_millis(200);
-    let start_measuring = Instant::now() + warmup;
+    let started = Instant::now();
+    let start_measuring = started + warmup;
     let stop_at = start_measuring + duration;
     let handles: Vec<_> = (0..sockets)
         .map(|i| {
@@ -364,7 +602,15 @@ pub fn run(target: SocketAddr, kind: Target, config: LoadConfig) -> io::Result<L
             let share = config.window / sockets + usize::from(i < config.window % sockets);
             let kind = kind.clone();
             thread::spawn(move || {
-                run_socket(target, kind, share.max(1), config, start_measuring, stop_at)
+                run_socket(
+                    target,
+                    kind,
+                    share.max(1),
+                    config,
+                    started,
+                    start_measuring,
+                    stop_at,
+                )
             })
         })
         .collect();
@@ -386,8 +632,9 @@ pub fn run(target: SocketAddr, kind: Target, config: LoadConfig) -> io::Result<L
     total.ok_or_else(|| io::Error::other("no sockets"))
 }
 
-/// The reference: the simplest request-reply server there is, one thread
-/// echoing every datagram back to its sender.
+/// The reference: the simplest request-reply server that is still as
+/// good at I/O as cerv, one thread echoing every datagram back to its
+/// sender, in batches (`recvmmsg`, then one `sendmmsg` for all of them).
 pub struct EchoServer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
@@ -395,23 +642,29 @@ pub struct EchoServer {
 }
 
 impl EchoServer {
-    /// Starts on a free loopback port.
-    pub fn start() -> io::Result<EchoServer> {
+    /// Starts on a free loopback port, its thread on `cpu` if given.
+    pub fn start(cpu: Option<usize>) -> io::Result<EchoServer> {
         let socket = UdpSocket::bind("127.0.0.1:0")?;
         socket.set_read_timeout(Some(Duration::from_millis(20)))?;
         let addr = socket.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
+        let (pinned_tx, pinned) = std::sync::mpsc::channel();
         let thread = thread::spawn({
             let stop = stop.clone();
             move || {
-                let mut buf = [0u8; 2048];
+                let _ = pinned_tx.send(cpu.map_or(Ok(()), pin_thread));
+                let fd = socket.as_raw_fd();
+                let mut batch = Mmsg::new();
                 while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                        let _ = socket.send_to(&buf[..n], from);
+                    if let Ok(n) = batch.recv(fd, true, false) {
+                        let _ = batch.send(fd, n, true);
                     }
                 }
             }
         });
+        pinned
+            .recv()
+            .map_err(|_| io::Error::other("echo thread ended"))??;
         Ok(EchoServer {
             addr,
             stop,

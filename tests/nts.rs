@@ -322,6 +322,7 @@ fn the_bench_loads_cerv_with_real_nts_requests() {
         duration: Duration::from_millis(300),
         timeout: Duration::from_millis(200),
         pace: Duration::ZERO,
+        spin: false,
     };
     let good = load::run(credentials.ntp, Target::Nts(credentials.clone()), config).unwrap();
     assert!(good.replies > 100, "{good:?}");

@@ -161,8 +161,8 @@ impl ListenerMetrics {
 }
 
 /// The upper bounds of the batch-size histogram's buckets. A server reads
-/// and sends at most 32 datagrams per system call.
-pub const BATCH_BUCKETS: [u64; 6] = [1, 2, 4, 8, 16, 32];
+/// and sends at most 64 datagrams per system call.
+pub const BATCH_BUCKETS: [u64; 7] = [1, 2, 4, 8, 16, 32, 64];
 
 /// How many datagrams the receive batches held: a histogram over
 /// [`BATCH_BUCKETS`].
@@ -170,7 +170,7 @@ pub const BATCH_BUCKETS: [u64; 6] = [1, 2, 4, 8, 16, 32];
 pub struct BatchSizes {
     /// Batches per bucket, not cumulative: `counts[i]` holds those larger
     /// than `BATCH_BUCKETS[i - 1]` and at most `BATCH_BUCKETS[i]`; the
-    /// last, those larger than 32.
+    /// last, those larger than 64 (none, today).
     pub counts: [u64; BATCH_BUCKETS.len() + 1],
     /// The datagrams in all batches.
     pub sum: u64,
@@ -976,7 +976,7 @@ mod tests {
 
     fn cerv_sample() -> CervMetrics {
         let counter = crate::transport::BatchCounter::default();
-        for size in [1, 1, 3, 32, 40] {
+        for size in [1, 1, 3, 32, 40, 65] {
             counter.observe(size);
         }
         let batches = counter.snapshot();
@@ -1062,13 +1062,14 @@ mod tests {
             ("8", 3),
             ("16", 3),
             ("32", 4),
-            ("+Inf", 5),
+            ("64", 5),
+            ("+Inf", 6),
         ] {
             let want = format!(r#"cerv_receive_batch_size_bucket{{{labels},le="{le}"}} {n}"#);
             assert!(text.lines().any(|l| l == want), "missing {want} in\n{text}");
         }
-        assert!(text.contains(&format!("cerv_receive_batch_size_sum{{{labels}}} 77\n")));
-        assert!(text.contains(&format!("cerv_receive_batch_size_count{{{labels}}} 5\n")));
+        assert!(text.contains(&format!("cerv_receive_batch_size_sum{{{labels}}} 142\n")));
+        assert!(text.contains(&format!("cerv_receive_batch_size_count{{{labels}}} 6\n")));
         assert!(text.contains("# TYPE cerv_receive_batch_size histogram\n"));
     }
 

@@ -52,6 +52,10 @@ struct Args {
     /// starting one; only the throughput and latency parts apply.
     #[arg(long, value_name = "ADDR")]
     server: Option<SocketAddr>,
+    /// Leave the generator and the servers to the scheduler instead of
+    /// pinning them to separate CPUs (for a before-and-after).
+    #[arg(long)]
+    no_pin: bool,
     /// Extra arguments for cerv.
     #[arg(last = true)]
     cerv_args: Vec<String>,
@@ -81,31 +85,79 @@ fn describe(name: &str, r: &LoadReport) -> String {
     )
 }
 
-/// Alternating echo and cerv runs; returns the per-run (echo, cerv) reports.
-fn compare(
-    cerv: SocketAddr,
-    echo: SocketAddr,
-    config: LoadConfig,
-    runs: usize,
-) -> Vec<(LoadReport, LoadReport)> {
+/// Where the two sides of a measurement run: the generator on one CPU,
+/// every server (cerv, echo, chronyd) on another, so that they never
+/// queue for the same core and the generator is never slowed by the
+/// server it measures.
+#[derive(Clone, Copy, Debug)]
+struct Pins {
+    generator: usize,
+    server: usize,
+}
+
+impl Pins {
+    /// Pins the calling thread (and so the generator threads it starts)
+    /// to the first allowed CPU; servers go to the last. None on one CPU.
+    fn new() -> Option<Pins> {
+        let cpus = load::allowed_cpus();
+        let (&generator, &server) = (cpus.first()?, cpus.last()?);
+        (generator != server && load::pin_thread(generator).is_ok())
+            .then_some(Pins { generator, server })
+    }
+
+    fn server(pins: Option<Pins>, pid: u32) {
+        if let Some(p) = pins
+            && let Err(e) = load::pin_process(pid, p.server)
+        {
+            eprintln!(
+                "cerv-bench: cannot pin process {pid} to CPU {}: {e}",
+                p.server
+            );
+        }
+    }
+
+    fn describe(pins: Option<Pins>) -> String {
+        pins.map_or_else(
+            || "generator and servers unpinned".to_string(),
+            |p| {
+                format!(
+                    "generator on CPU {}, servers on CPU {}",
+                    p.generator, p.server
+                )
+            },
+        )
+    }
+}
+
+/// One run of echo, cerv's own wire and cerv's NTP face, in turn.
+struct Round {
+    echo: LoadReport,
+    cerv: LoadReport,
+    ntp: LoadReport,
+}
+
+/// Alternating echo, cerv and cerv NTP runs.
+fn compare(cerv: &Cerv, echo: SocketAddr, config: LoadConfig, runs: usize) -> Vec<Round> {
     (0..runs)
         .map(|i| {
-            let e = load::run(echo, Target::Echo, config).expect("echo run");
-            let c = load::run(cerv, Target::Cerv, config).expect("cerv run");
+            let round = Round {
+                echo: load::run(echo, Target::Echo, config).expect("echo run"),
+                cerv: load::run(cerv.addr, Target::Cerv, config).expect("cerv run"),
+                ntp: load::run(cerv.ntp_addrs[0], Target::Ntp, config).expect("cerv ntp run"),
+            };
             println!("run {}:", i + 1);
-            println!("  {}", describe("echo", &e));
-            println!("  {}", describe("cerv", &c));
-            (e, c)
+            println!("  {}", describe("echo", &round.echo));
+            println!("  {}", describe("cerv", &round.cerv));
+            println!("  {}", describe("cerv ntp", &round.ntp));
+            round
         })
         .collect()
 }
 
-/// Median of ratios, as a fixed-point integer so `median` can sort it.
-fn median_ratio(
-    pairs: &[(LoadReport, LoadReport)],
-    f: impl Fn(&LoadReport, &LoadReport) -> f64,
-) -> f64 {
-    let scaled: Vec<i64> = pairs.iter().map(|(e, c)| (f(e, c) * 1e4) as i64).collect();
+/// Median of a ratio over the rounds, as a fixed-point integer so
+/// `median` can sort it.
+fn median_ratio(rounds: &[Round], f: impl Fn(&Round) -> f64) -> f64 {
+    let scaled: Vec<i64> = rounds.iter().map(|r| (f(r) * 1e4) as i64).collect();
     median(&scaled).unwrap_or(0) as f64 / 1e4
 }
 
@@ -114,7 +166,8 @@ fn main() {
     let duration = args.duration.unsigned_duration().min(load::MAX_DURATION);
     let wants = |p: Part| args.only.is_none_or(|o| o == p);
     let cerv_args: Vec<&str> = args.cerv_args.iter().map(String::as_str).collect();
-    let echo = EchoServer::start().expect("echo server");
+    let pins = if args.no_pin { None } else { Pins::new() };
+    let echo = EchoServer::start(pins.map(|p| p.server)).expect("echo server");
     if let Some(addr) = args.server {
         let config = LoadConfig {
             window: if args.only == Some(Part::Latency) {
@@ -126,6 +179,7 @@ fn main() {
             duration,
             timeout: Duration::from_millis(200),
             pace: Duration::ZERO,
+            spin: pins.is_some(),
         };
         for _ in 0..args.runs {
             let r = load::run(addr, Target::Cerv, config).expect("load");
@@ -139,12 +193,18 @@ fn main() {
     if !cerv_args.iter().any(|a| a.starts_with("--rate-limit")) {
         cerv_args.extend(["--rate-limit", "0"]);
     }
+    if !cerv_args.contains(&"--ntp-listen") {
+        cerv_args.extend(["--ntp-listen", "127.0.0.1:0", "--ntp-stratum", "1"]);
+    }
     let cerv = Cerv::start(&cerv_args);
+    Pins::server(pins, cerv.pid());
     println!(
-        "cerv {} vs echo {}, {} cores",
+        "cerv {} (NTP {}) vs echo {}, {} cores, {}",
         cerv.addr,
+        cerv.ntp_addrs[0],
         echo.addr(),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        Pins::describe(pins)
     );
 
     // The throughput runs' load: the window in flight, as fast as it goes.
@@ -154,6 +214,7 @@ fn main() {
         duration,
         timeout: Duration::from_millis(200),
         pace: Duration::ZERO,
+        spin: pins.is_some(),
     };
     if wants(Part::Throughput) {
         let config = throughput;
@@ -161,10 +222,11 @@ fn main() {
             "\n## throughput: window {}, {} socket(s), {:?} per run",
             config.window, config.sockets, duration
         );
-        let pairs = compare(cerv.addr, echo.addr(), config, args.runs);
+        let rounds = compare(&cerv, echo.addr(), config, args.runs);
         println!(
-            "median throughput ratio cerv/echo: {:.3}",
-            median_ratio(&pairs, |e, c| c.rate() / e.rate())
+            "median throughput ratios: cerv/echo {:.3}, cerv ntp/echo {:.3}",
+            median_ratio(&rounds, |r| r.cerv.rate() / r.echo.rate()),
+            median_ratio(&rounds, |r| r.ntp.rate() / r.echo.rate())
         );
     }
 
@@ -175,12 +237,14 @@ fn main() {
             duration,
             timeout: Duration::from_millis(200),
             pace: Duration::ZERO,
+            spin: pins.is_some(),
         };
         println!("\n## latency: window 1, {duration:?} per run");
-        let pairs = compare(cerv.addr, echo.addr(), config, args.runs);
+        let rounds = compare(&cerv, echo.addr(), config, args.runs);
         println!(
-            "median p50 latency ratio cerv/echo: {:.3}",
-            median_ratio(&pairs, |e, c| c.rtt_us(0.5) / e.rtt_us(0.5))
+            "median p50 latency ratios: cerv/echo {:.3}, cerv ntp/echo {:.3}",
+            median_ratio(&rounds, |r| r.cerv.rtt_us(0.5) / r.echo.rtt_us(0.5)),
+            median_ratio(&rounds, |r| r.ntp.rtt_us(0.5) / r.echo.rtt_us(0.5))
         );
     }
 
@@ -246,7 +310,7 @@ fn main() {
         spoof_part(args.spoofed, &args.cerv_args);
     }
     if wants(Part::Ntp) {
-        ntp_part(throughput, args.runs, &echo, &args.cerv_args);
+        ntp_part(throughput, args.runs, &echo, pins, &args.cerv_args);
     }
 }
 
@@ -255,7 +319,13 @@ fn main() {
 /// certificate, in alternating runs: NTS costs a server an AEAD opening of
 /// the cookie, a check of the authenticator, a fresh cookie and a sealed
 /// reply.
-fn ntp_part(config: LoadConfig, runs: usize, echo: &EchoServer, cerv_args: &[String]) {
+fn ntp_part(
+    config: LoadConfig,
+    runs: usize,
+    echo: &EchoServer,
+    pins: Option<Pins>,
+    cerv_args: &[String],
+) {
     let certs = lab::certs::TestCerts::generate();
     let (cert, key) = (
         certs.good.cert.display().to_string(),
@@ -294,28 +364,17 @@ fn ntp_part(config: LoadConfig, runs: usize, echo: &EchoServer, cerv_args: &[Str
         };
         (daemon, credentials)
     });
-    // The generator on one CPU and the servers on another, so that neither
-    // waits for the other's core (the echo thread is left to the
-    // scheduler: it is the reference, not the subject).
-    let cpus = load::allowed_cpus();
-    let pinned = match (cpus.first(), cpus.last()) {
-        (Some(&generator), Some(&server)) if generator != server => {
-            let servers = std::iter::once(cerv.pid()).chain(chrony.as_ref().map(|(d, _)| d.pid()));
-            let ok = load::pin_thread(generator).is_ok()
-                && servers
-                    .map(|pid| load::pin_process(pid, server))
-                    .all(|r| r.is_ok());
-            ok.then(|| format!(", generator on CPU {generator}, servers on CPU {server}"))
-        }
-        _ => None,
-    };
+    Pins::server(pins, cerv.pid());
+    if let Some((daemon, _)) = &chrony {
+        Pins::server(pins, daemon.pid());
+    }
     println!(
-        "\n## ntp: plain NTP and NTS to cerv {ntp}{}{}, window {}, {} socket(s), {:?} per run",
+        "\n## ntp: plain NTP and NTS to cerv {ntp}{}, {}, window {}, {} socket(s), {:?} per run",
         chrony
             .as_ref()
             .map(|(_, c)| format!(" and chronyd {}", c.ntp))
             .unwrap_or_else(|| " (no chronyd here: .ci/peers unpacks one)".into()),
-        pinned.unwrap_or_default(),
+        Pins::describe(pins),
         config.window,
         config.sockets,
         config.duration
@@ -419,6 +478,7 @@ fn flood_part(duration: Duration, runs: usize, cerv_args: &[String]) {
         duration,
         timeout: Duration::from_millis(200),
         pace: Duration::from_millis(20),
+        spin: false,
     };
     println!(
         "\n## flood: a client asking 50 times a second, idle and while 127.0.0.2 floods ({duration:?} per run)"

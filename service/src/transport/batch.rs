@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
 /// Datagrams per system call.
-pub const BATCH: usize = 32;
+pub const BATCH: usize = 64;
 /// Receive buffer per datagram: one byte more than the protocol allows, so
 /// that an oversized datagram shows as such.
 const RECV_LEN: usize = crate::wire::MAX_DATAGRAM + 1;

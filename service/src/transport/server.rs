@@ -5,7 +5,8 @@
 //! datagrams ─▶ recvmmsg → kernel ts2 → decode       ├─▶ or
 //!            └─────────────────────────────────────┘   channels: peer table → queue → BaseChannel → handler
 //!                                                                          │
-//! replies ◀──── sendmmsg ◀── stamp ts3, encode ◀── writer task ◀──── outbox (bounded)
+//! replies ◀──── sendmmsg ◀── stamp ts3, encode ◀── reader (after each batch) ◀── outbox (bounded)
+//!                                              ◀── or writer task (later replies)
 //! ```
 //!
 //! Two ways to dispatch requests share the reader and the writer:
@@ -30,10 +31,14 @@
 //!   keeps neither.
 //!
 //! Datagrams are read and replies sent in batches ([`super::batch`]): one
-//! system call for up to 32 datagrams. Replies from every peer go to one
-//! outbox; a writer task takes what is there, reads the clock once, stamps
-//! ts3 (and `now()`'s answer) with it and sends the lot, so the stamp is
-//! taken just before the replies leave, however many there are.
+//! system call for up to 64 datagrams. Replies from every peer go to one
+//! outbox. After each batch it reads, the reader sends what the outbox
+//! holds (the answers given at once, in one `sendmmsg`, with no hop to
+//! another task); a writer task sends what comes later (handlers that
+//! waited, tarpc channels). Either takes what is there, reads the clock
+//! once, stamps ts3 (and `now()`'s answer) with it and sends the lot, so
+//! the stamp is taken just before the replies leave, however many there
+//! are.
 
 use super::batch::{BATCH, RecvBatch, SendBatch};
 use super::face::{self, Decoded, Face, Inbound, NtpState, NtsReply, ReplyAs};
@@ -486,44 +491,70 @@ where
 
 /// Sends what the peers put in the outbox, a batch at a time, until the
 /// outbox is closed and empty.
-async fn write_replies(
+/// Encodes and sends what the outbox holds: the writer task's work, and
+/// the reader's after each batch it reads (so that answers given at once
+/// leave in one `sendmmsg` per batch read, with no hop to another task).
+struct Sender {
     socket: Arc<UdpSocket>,
-    outbox: Arc<Outbox>,
     clock: Arc<dyn Clock>,
     stats: Arc<ServerStats>,
     keys: Option<Arc<KeyRing>>,
-    face: Face,
-) {
-    let fd = socket.as_raw_fd();
-    let mut taken = Vec::with_capacity(BATCH);
-    let mut batch = SendBatch::default();
-    let mut ntp_state = match face {
-        Face::Ntp(ntp) => Some(NtpState::new(ntp)),
-        Face::Cerv => None,
-    };
-    loop {
-        taken.clear();
-        outbox.take(&mut taken);
-        if taken.is_empty() {
-            if outbox.closed.load(Ordering::Acquire) {
+    taken: Vec<Outgoing>,
+    batch: SendBatch,
+    ntp_state: Option<NtpState>,
+}
+
+impl Sender {
+    fn new(
+        socket: Arc<UdpSocket>,
+        clock: Arc<dyn Clock>,
+        stats: Arc<ServerStats>,
+        keys: Option<Arc<KeyRing>>,
+        face: &Face,
+    ) -> Sender {
+        Sender {
+            socket,
+            clock,
+            stats,
+            keys,
+            taken: Vec::with_capacity(BATCH),
+            batch: SendBatch::default(),
+            ntp_state: match face {
+                Face::Ntp(ntp) => Some(NtpState::new(ntp.clone())),
+                Face::Cerv => None,
+            },
+        }
+    }
+
+    /// Sends everything in the outbox, a batch at a time.
+    async fn flush(&mut self, outbox: &Outbox) {
+        loop {
+            self.taken.clear();
+            outbox.take(&mut self.taken);
+            if self.taken.is_empty() {
                 return;
             }
-            outbox.ready.notified().await;
-            continue;
+            self.send_taken().await;
         }
+    }
+
+    async fn send_taken(&mut self) {
+        let fd = self.socket.as_raw_fd();
+        let stats = &*self.stats;
+        let batch = &mut self.batch;
         // One reading for the whole batch, taken just before it leaves;
         // the keys in force for the whole batch too.
-        let now = clock.now();
-        let keys_now = keys.as_ref().map(|k| k.current());
+        let now = self.clock.now();
+        let keys_now = self.keys.as_ref().map(|k| k.current());
         // The NTP face's account of the clock, once per batch.
-        let state = ntp_state.as_mut().map(|s| s.current(now));
+        let state = self.ntp_state.as_mut().map(|s| s.current(now));
         batch.clear();
-        for out in taken.drain(..) {
+        for out in self.taken.drain(..) {
             let to = out.to;
             match out.reply_as {
                 ReplyAs::Cerv(auth) => {
                     let auth = auth.zip(keys_now.as_deref());
-                    batch.push(to, |buf| encode_cerv(out, now, auth, buf, &stats));
+                    batch.push(to, |buf| encode_cerv(out, now, auth, buf, stats));
                 }
                 ReplyAs::Ntp(request) => {
                     let Some(state) = state else {
@@ -536,7 +567,7 @@ async fn write_replies(
                         continue;
                     };
                     batch.push(to, |buf| {
-                        encode_nts(&nts, out.reply, state, now, buf, &stats)
+                        encode_nts(&nts, out.reply, state, now, buf, stats)
                     });
                 }
                 ReplyAs::NtsNak(request) => {
@@ -546,7 +577,8 @@ async fn write_replies(
         }
         let mut start = 0;
         while start < batch.len() {
-            match socket
+            match self
+                .socket
                 .async_io(Interest::WRITABLE, || batch.send(fd, start))
                 .await
             {
@@ -563,6 +595,21 @@ async fn write_replies(
                 }
             }
         }
+    }
+}
+
+/// The writer task: sends replies that were not ready when their batch
+/// was read (handlers that waited, tarpc channels), until the outbox
+/// closes.
+async fn write_replies(mut sender: Sender, outbox: Arc<Outbox>) {
+    loop {
+        sender.flush(&outbox).await;
+        if outbox.closed.load(Ordering::Acquire) {
+            // Anything pushed between the flush and the close goes too.
+            sender.flush(&outbox).await;
+            return;
+        }
+        outbox.ready.notified().await;
     }
 }
 
@@ -1035,14 +1082,17 @@ impl UdpServer {
         outbox: Arc<Outbox>,
         shutdown: impl Future<Output = ()>,
     ) -> Arc<ServerStats> {
-        let writer = tokio::spawn(write_replies(
-            self.socket.clone(),
-            outbox.clone(),
-            self.clock.clone(),
-            self.stats.clone(),
-            self.config.keys.clone(),
-            self.config.face.clone(),
-        ));
+        let sender = || {
+            Sender::new(
+                self.socket.clone(),
+                self.clock.clone(),
+                self.stats.clone(),
+                self.config.keys.clone(),
+                &self.config.face,
+            )
+        };
+        let writer = tokio::spawn(write_replies(sender(), outbox.clone()));
+        let mut replier = sender();
         let mut batch = RecvBatch::default();
         let fd = self.socket.as_raw_fd();
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
@@ -1128,6 +1178,8 @@ impl UdpServer {
                                     Decoded::Dropped => {}
                                 }
                             }
+                            // The answers given at once leave now, together.
+                            replier.flush(&outbox).await;
                         }
                         Err(e) => {
                             if !is_transient(&e) {
