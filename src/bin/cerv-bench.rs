@@ -166,6 +166,7 @@ fn main() {
     let duration = args.duration.unsigned_duration().min(load::MAX_DURATION);
     let wants = |p: Part| args.only.is_none_or(|o| o == p);
     let cerv_args: Vec<&str> = args.cerv_args.iter().map(String::as_str).collect();
+    let cores = load::allowed_cpus().len();
     let pins = if args.no_pin { None } else { Pins::new() };
     let echo = EchoServer::start(pins.map(|p| p.server)).expect("echo server");
     if let Some(addr) = args.server {
@@ -203,7 +204,7 @@ fn main() {
         cerv.addr,
         cerv.ntp_addrs[0],
         echo.addr(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cores,
         Pins::describe(pins)
     );
 
