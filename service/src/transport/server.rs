@@ -276,16 +276,28 @@ struct Outbox {
 const MAX_OUTBOX: usize = 16 * 1024;
 
 impl Outbox {
+    /// Queues a reply for the writer task, and wakes it.
     fn push(&self, item: Outgoing, stats: &ServerStats) {
+        if self.queue(item, stats) {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Queues a reply the reader sends itself after its batch: waking the
+    /// writer for it would only have it find the outbox empty.
+    fn push_for_reader(&self, item: Outgoing, stats: &ServerStats) {
+        self.queue(item, stats);
+    }
+
+    fn queue(&self, item: Outgoing, stats: &ServerStats) -> bool {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         if q.len() >= MAX_OUTBOX {
             drop(q);
             stats.send_failed.incr();
-            return;
+            return false;
         }
         q.push_back(item);
-        drop(q);
-        self.ready.notify_one();
+        true
     }
 
     /// Moves up to one batch into `into`.
@@ -853,7 +865,7 @@ impl<H> Inline<H> {
         message: Result<TimeServiceResponse, tarpc::ServerError>,
         inbound: &Inbound,
     ) {
-        self.outbox.push(
+        self.outbox.push_for_reader(
             Outgoing {
                 to,
                 id,
@@ -1142,7 +1154,7 @@ impl UdpServer {
                                     if let Some(request) = face::kiss_candidate(&face, bytes) {
                                         if kiss_limiter.allow(from.ip(), now) {
                                             self.stats.kiss_sent.incr();
-                                            outbox.push(Outgoing {
+                                            outbox.push_for_reader(Outgoing {
                                                 to: from,
                                                 id: 0,
                                                 reply: PendingReply::Kiss(face::RATE_KISS),
@@ -1166,7 +1178,7 @@ impl UdpServer {
                                     Decoded::Request(from, inbound) => {
                                         dispatch.dispatch(from, inbound, tick);
                                     }
-                                    Decoded::Nak(from, request) => outbox.push(
+                                    Decoded::Nak(from, request) => outbox.push_for_reader(
                                         Outgoing {
                                             to: from,
                                             id: 0,
