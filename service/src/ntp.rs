@@ -60,15 +60,22 @@ impl NtpTimestamp {
     }
 
     /// The NTP form of `t`, rounded to the nearest 2^-32 s (about 0.23 ns).
+    ///
+    /// In 64-bit arithmetic with constant divisors, which the compiler
+    /// turns into multiplications: a server writes three of these in every
+    /// reply, and 128-bit division is a library call an order of magnitude
+    /// slower.
     pub fn from_timestamp(t: Timestamp) -> NtpTimestamp {
-        let nanos = i128::from(t.as_nanos()) + UNIX_OFFSET_SECS * NANOS_PER_SEC;
-        let secs = nanos.div_euclid(NANOS_PER_SEC);
-        let sub = nanos.rem_euclid(NANOS_PER_SEC);
-        let frac = ((sub << 32) + NANOS_PER_SEC / 2) / NANOS_PER_SEC;
+        const NANOS: i64 = NANOS_PER_SEC as i64;
+        let nanos = t.as_nanos();
+        let secs = nanos.div_euclid(NANOS) + UNIX_OFFSET_SECS as i64;
+        // 0 ≤ sub < 10^9 < 2^30, so sub·2^32 fits in 64 bits.
+        let sub = nanos.rem_euclid(NANOS) as u64;
+        let frac = ((sub << 32) + NANOS as u64 / 2) / NANOS as u64;
         // A fraction that rounds up to a whole second carries into the
-        // seconds; the era wraps modulo 2^32 seconds.
-        let total = (secs << 32) + frac;
-        NtpTimestamp(total as u64)
+        // seconds; the era wraps modulo 2^32 seconds (the shift drops the
+        // higher bits of the seconds).
+        NtpTimestamp(((secs as u64) << 32).wrapping_add(frac))
     }
 
     /// The time this timestamp names in the era nearest `pivot` (within
@@ -112,9 +119,14 @@ impl NtpShort {
     /// The 16.16 form of `n`, rounded up; negative spans are zero and
     /// spans beyond 65536 s saturate.
     pub fn from_nanos(n: Nanos) -> NtpShort {
-        let n = n.as_nanos().max(0) as u128;
+        // 65536 s and more saturate; below that n·2^16 fits in 64 bits.
+        const LIMIT: u64 = 65_536 * 1_000_000_000;
+        let n = n.as_nanos().max(0) as u64;
+        if n >= LIMIT {
+            return NtpShort(u32::MAX);
+        }
         let v = (n << 16).div_ceil(1_000_000_000);
-        NtpShort(v.min(u128::from(u32::MAX)) as u32)
+        NtpShort(v.min(u64::from(u32::MAX)) as u32)
     }
 }
 
@@ -1179,7 +1191,70 @@ mod tests {
         assert_eq!(precision_nanos(-128), Nanos::from_nanos(1));
     }
 
+    /// The conversions as first written, in 128-bit arithmetic: the
+    /// oracle for the 64-bit ones.
+    fn from_timestamp_wide(t: Timestamp) -> NtpTimestamp {
+        let nanos = i128::from(t.as_nanos()) + UNIX_OFFSET_SECS * NANOS_PER_SEC;
+        let secs = nanos.div_euclid(NANOS_PER_SEC);
+        let sub = nanos.rem_euclid(NANOS_PER_SEC);
+        let frac = ((sub << 32) + NANOS_PER_SEC / 2) / NANOS_PER_SEC;
+        NtpTimestamp(((secs << 32) + frac) as u64)
+    }
+
+    fn short_from_nanos_wide(n: Nanos) -> NtpShort {
+        let n = n.as_nanos().max(0) as u128;
+        let v = (n << 16).div_ceil(1_000_000_000);
+        NtpShort(v.min(u128::from(u32::MAX)) as u32)
+    }
+
+    #[test]
+    fn the_fast_conversions_match_the_wide_ones_at_the_edges() {
+        let second = 1_000_000_000i64;
+        for n in [
+            i64::MIN,
+            i64::MIN + 1,
+            i64::MAX,
+            i64::MAX - 1,
+            0,
+            -1,
+            1,
+            second - 1,
+            -second,
+            NOW,
+            // A fraction that rounds up to the next second.
+            NOW - NOW % second + second - 1,
+            -(UNIX_OFFSET_SECS as i64) * second,
+            -(UNIX_OFFSET_SECS as i64) * second - 1,
+        ] {
+            assert_eq!(
+                NtpTimestamp::from_timestamp(ts(n)),
+                from_timestamp_wide(ts(n)),
+                "{n}"
+            );
+        }
+        for n in [
+            i64::MIN,
+            -1,
+            0,
+            1,
+            second,
+            65_536 * second - 1,
+            65_536 * second,
+            i64::MAX,
+        ] {
+            let n = Nanos::from_nanos(n);
+            assert_eq!(NtpShort::from_nanos(n), short_from_nanos_wide(n), "{n:?}");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn the_fast_conversions_match_the_wide_ones(n in any::<i64>()) {
+            prop_assert_eq!(NtpTimestamp::from_timestamp(ts(n)), from_timestamp_wide(ts(n)));
+            let span = Nanos::from_nanos(n);
+            prop_assert_eq!(NtpShort::from_nanos(span), short_from_nanos_wide(span));
+        }
+
         #[test]
         fn timestamps_round_trip_within_68_years_of_the_pivot(
             n in i64::MIN / 2..i64::MAX / 2,
