@@ -256,14 +256,12 @@ pub fn encode_client(
                 deadline_us: u32::try_from(deadline.as_micros()).unwrap_or(u32::MAX),
                 call: *call,
             };
-            postcard::to_slice(&body_value, body).map(|b| b.len())
+            codec::put_request(&body_value, body)
         }
-        ClientFrame::Cancel { id } => {
-            postcard::to_slice(&CancelBody { id: *id }, body).map(|b| b.len())
-        }
+        ClientFrame::Cancel { id } => codec::put_cancel(&CancelBody { id: *id }, body),
     };
     // The largest request body is about 30 bytes, far below the buffer.
-    let len = HEADER_LEN + written.unwrap_or(0);
+    let len = HEADER_LEN + written;
     let kind_byte = match frame {
         ClientFrame::Request { .. } => Kind::Request,
         ClientFrame::Cancel { .. } => Kind::Cancel,
@@ -318,13 +316,19 @@ fn check_header(bytes: &[u8]) -> Result<(u8, bool), DecodeError> {
     Ok((bytes[3] & !AUTH_BIT, bytes[3] & AUTH_BIT != 0))
 }
 
-fn body<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, DecodeError> {
+/// Decodes the body after the header with `take` (which returns the value
+/// and what follows it), and checks that only zero padding follows.
+fn body<'a, T>(
+    bytes: &'a [u8],
+    take: impl FnOnce(&'a [u8]) -> Option<(T, &'a [u8])>,
+) -> Result<T, DecodeError> {
     // A tagged datagram's plain part can be shorter than a header when the
     // trailer overlaps it; never index past what is there.
     let after_header = bytes.get(HEADER_LEN..).ok_or(DecodeError::Malformed)?;
-    let (value, rest) =
-        postcard::take_from_bytes::<T>(after_header).map_err(|_| DecodeError::Malformed)?;
-    if rest.iter().any(|&b| b != 0) {
+    let (value, rest) = take(after_header).ok_or(DecodeError::Malformed)?;
+    // An OR over the padding, not a search for its first non-zero byte:
+    // the compiler does this a vector at a time.
+    if rest.iter().fold(0, |acc, &b| acc | b) != 0 {
         return Err(DecodeError::Trailing);
     }
     Ok(value)
@@ -376,12 +380,12 @@ pub fn decode_client(
                 id,
                 deadline_us,
                 call,
-            } = body(plain)?;
+            } = body(plain, codec::take_request)?;
             let deadline = Duration::from_micros(u64::from(deadline_us)).min(MAX_DEADLINE);
             ClientFrame::Request { id, deadline, call }
         }
         k if k == Kind::Cancel as u8 => {
-            let CancelBody { id } = body(plain)?;
+            let CancelBody { id } = body(plain, codec::take_cancel)?;
             ClientFrame::Cancel { id }
         }
         other => return Err(DecodeError::Kind(other)),
@@ -406,9 +410,7 @@ pub fn encode_server(
         return None;
     }
     let try_encode = |frame: &ServerFrame, buf: &mut [u8]| {
-        let len = postcard::to_slice(frame, &mut buf[HEADER_LEN..limit])
-            .ok()
-            .map(|b| b.len() + HEADER_LEN)?;
+        let len = codec::put_server_frame(frame, &mut buf[HEADER_LEN..limit])? + HEADER_LEN;
         (len <= limit).then_some(len)
     };
     let len = match try_encode(frame, buf) {
@@ -466,7 +468,7 @@ pub fn decode_server(
         return Err(DecodeError::Kind(kind));
     }
     match (tagged, key) {
-        (false, None) => body(bytes),
+        (false, None) => body(bytes, codec::take_server_frame),
         (false, Some(_)) => Err(DecodeError::Auth(AuthError::Missing)),
         (true, None) => Err(DecodeError::Auth(AuthError::Unexpected)),
         (true, Some(key)) => {
@@ -478,12 +480,414 @@ pub fn decode_server(
             if key_id != key.id() {
                 return Err(DecodeError::Auth(AuthError::UnknownKey(key_id)));
             }
-            let frame: ServerFrame = body(&bytes[..bytes.len() - TRAILER_LEN])?;
+            let frame: ServerFrame = body(
+                &bytes[..bytes.len() - TRAILER_LEN],
+                codec::take_server_frame,
+            )?;
             let request = request_tag(frame.id).ok_or(DecodeError::Auth(AuthError::Unmatched))?;
             if !key.verify(&[signed, &request], tag) {
                 return Err(DecodeError::Auth(AuthError::BadTag));
             }
             Ok(frame)
+        }
+    }
+}
+
+/// The bodies in postcard's encoding, written and read by hand for the
+/// messages every exchange carries (a request, a probe's or `now`'s
+/// reply): postcard through serde costs a server more per request than
+/// everything else it does in user space. The bytes are postcard's, byte
+/// for byte, and so is what is accepted: tests hold both directions to
+/// postcard itself. Errors, rare and variable, go through postcard.
+///
+/// postcard writes an unsigned integer as a varint (7 bits a byte, least
+/// significant first, the top bit set on every byte but the last), a
+/// signed one zigzagged first, an enum as its variant's index (a varint)
+/// followed by its fields, a struct as its fields in order.
+mod codec {
+    use super::{Call, CancelBody, Reply, RequestBody, ServerFrame};
+    use crate::time::Timestamp;
+
+    /// Reads postcard's primitives from the front of a slice.
+    struct Take<'a>(&'a [u8]);
+
+    impl<'a> Take<'a> {
+        /// A varint of at most `max` bytes whose last byte holds at most
+        /// `last` (what is left of the type's bits), as postcard reads it.
+        fn varint(&mut self, max: usize, last: u8) -> Option<u64> {
+            let mut out = 0u64;
+            for (i, &byte) in self.0.iter().take(max).enumerate() {
+                out |= u64::from(byte & 0x7f) << (7 * i);
+                if byte & 0x80 == 0 {
+                    self.0 = &self.0[i + 1..];
+                    return (i < max - 1 || byte <= last).then_some(out);
+                }
+            }
+            None
+        }
+
+        fn u64(&mut self) -> Option<u64> {
+            // A word at a time where eight bytes are there to read: the
+            // first byte without the continuation bit ends the varint.
+            let Some(word) = self.0.first_chunk::<8>().map(|w| u64::from_le_bytes(*w)) else {
+                return self.varint(10, 0x01);
+            };
+            let ends = !word & CONTINUATION;
+            if ends != 0 {
+                let n = ends.trailing_zeros() as usize / 8 + 1;
+                let keep = if n == 8 { u64::MAX } else { (1 << (8 * n)) - 1 };
+                self.0 = &self.0[n..];
+                return Some(compact(word & keep & !CONTINUATION));
+            }
+            // Nine or ten bytes: the ninth holds bits 56 to 62, the tenth
+            // bit 63 (and nothing more, or the value is too large).
+            let low = compact(word & !CONTINUATION);
+            let &ninth = self.0.get(8)?;
+            if ninth & 0x80 == 0 {
+                self.0 = &self.0[9..];
+                return Some(low | u64::from(ninth) << 56);
+            }
+            let &tenth = self.0.get(9)?;
+            if tenth > 0x01 {
+                return None;
+            }
+            self.0 = &self.0[10..];
+            Some(low | u64::from(ninth & 0x7f) << 56 | u64::from(tenth) << 63)
+        }
+
+        fn u32(&mut self) -> Option<u32> {
+            // Bits past 32 in the fifth byte are refused by `last`.
+            self.varint(5, 0x0f).map(|v| v as u32)
+        }
+
+        fn i64(&mut self) -> Option<i64> {
+            let z = self.u64()?;
+            Some((z >> 1) as i64 ^ -((z & 1) as i64))
+        }
+
+        fn timestamp(&mut self) -> Option<Timestamp> {
+            self.i64().map(Timestamp::from_nanos)
+        }
+    }
+
+    /// The continuation bit of each of eight varint bytes in a word.
+    const CONTINUATION: u64 = 0x8080_8080_8080_8080;
+    const LOW_56: u64 = (1 << 56) - 1;
+
+    /// The low 56 bits of `x`, seven to a byte (bit 7 of each byte clear).
+    fn spread(x: u64) -> u64 {
+        let x = (x & 0x0000_0000_0FFF_FFFF) | ((x & 0x00FF_FFFF_F000_0000) << 4);
+        let x = (x & 0x0000_3FFF_0000_3FFF) | ((x & 0x0FFF_C000_0FFF_C000) << 2);
+        (x & 0x007F_007F_007F_007F) | ((x & 0x3F80_3F80_3F80_3F80) << 1)
+    }
+
+    /// The inverse of [`spread`]: seven bits from each byte, packed.
+    fn compact(x: u64) -> u64 {
+        let x = (x & 0x007F_007F_007F_007F) | ((x & 0x7F00_7F00_7F00_7F00) >> 1);
+        let x = (x & 0x0000_3FFF_0000_3FFF) | ((x & 0x3FFF_0000_3FFF_0000) >> 2);
+        (x & 0x0000_0000_0FFF_FFFF) | ((x & 0x0FFF_FFFF_0000_0000) >> 4)
+    }
+
+    /// Writes postcard's primitives at the front of a slice.
+    struct Put<'a> {
+        out: &'a mut [u8],
+        len: usize,
+    }
+
+    impl Put<'_> {
+        fn u64(&mut self, mut v: u64) -> Option<()> {
+            // 1 to 10 bytes: one for every 7 significant bits.
+            let n = (64 - (v | 1).leading_zeros() as usize).div_ceil(7);
+            if let Some(room) = self.out.get_mut(self.len..self.len + 10) {
+                // A word at a time where there is room for the longest:
+                // the low 56 bits seven to a byte, the continuation bit on
+                // every byte but the last; bytes past the varint are
+                // scratch the next field overwrites.
+                let cont = if n > 8 {
+                    CONTINUATION
+                } else {
+                    CONTINUATION & ((1 << (8 * (n - 1))) - 1)
+                };
+                room[..8].copy_from_slice(&(spread(v & LOW_56) | cont).to_le_bytes());
+                room[8] = ((v >> 56) as u8 & 0x7f) | if n > 9 { 0x80 } else { 0 };
+                room[9] = (v >> 63) as u8;
+                self.len += n;
+                return Some(());
+            }
+            let (last, head) = self.out.get_mut(self.len..self.len + n)?.split_last_mut()?;
+            for byte in head {
+                *byte = (v as u8) | 0x80;
+                v >>= 7;
+            }
+            *last = v as u8;
+            self.len += n;
+            Some(())
+        }
+
+        fn i64(&mut self, v: i64) -> Option<()> {
+            self.u64(((v << 1) ^ (v >> 63)) as u64)
+        }
+    }
+
+    /// A request body and what follows it.
+    pub(super) fn take_request(bytes: &[u8]) -> Option<(RequestBody, &[u8])> {
+        let mut t = Take(bytes);
+        let id = t.u64()?;
+        let deadline_us = t.u32()?;
+        let call = match t.u32()? {
+            0 => Call::Probe {
+                ts1: t.timestamp()?,
+            },
+            1 => Call::Now,
+            _ => return None,
+        };
+        Some((
+            RequestBody {
+                id,
+                deadline_us,
+                call,
+            },
+            t.0,
+        ))
+    }
+
+    /// A cancel body and what follows it.
+    pub(super) fn take_cancel(bytes: &[u8]) -> Option<(CancelBody, &[u8])> {
+        let mut t = Take(bytes);
+        let id = t.u64()?;
+        Some((CancelBody { id }, t.0))
+    }
+
+    /// A reply body and what follows it.
+    pub(super) fn take_server_frame(bytes: &[u8]) -> Option<(ServerFrame, &[u8])> {
+        let mut t = Take(bytes);
+        let id = t.u64()?;
+        let reply = match t.u32()? {
+            0 => Reply::Probe {
+                ts1: t.timestamp()?,
+                ts2: t.timestamp()?,
+                ts3: t.timestamp()?,
+            },
+            1 => Reply::Now {
+                time: t.timestamp()?,
+            },
+            // An error: postcard reads it (its text is checked as UTF-8).
+            _ => return postcard::take_from_bytes(bytes).ok(),
+        };
+        Some((ServerFrame { id, reply }, t.0))
+    }
+
+    /// Writes a request body; returns its length. The buffer is always
+    /// large enough (at most 26 bytes).
+    pub(super) fn put_request(body: &RequestBody, out: &mut [u8]) -> usize {
+        let mut p = Put { out, len: 0 };
+        let fits = (|| {
+            p.u64(body.id)?;
+            p.u64(body.deadline_us.into())?;
+            match body.call {
+                Call::Probe { ts1 } => {
+                    p.u64(0)?;
+                    p.i64(ts1.as_nanos())
+                }
+                Call::Now => p.u64(1),
+            }
+        })();
+        if fits.is_some() { p.len } else { 0 }
+    }
+
+    /// Writes a cancel body; returns its length.
+    pub(super) fn put_cancel(body: &CancelBody, out: &mut [u8]) -> usize {
+        let mut p = Put { out, len: 0 };
+        if p.u64(body.id).is_some() { p.len } else { 0 }
+    }
+
+    /// Writes a reply body; returns its length, `None` if it does not fit.
+    pub(super) fn put_server_frame(frame: &ServerFrame, out: &mut [u8]) -> Option<usize> {
+        let mut p = Put { out, len: 0 };
+        match frame.reply {
+            Reply::Probe { ts1, ts2, ts3 } => {
+                p.u64(frame.id)?;
+                p.u64(0)?;
+                p.i64(ts1.as_nanos())?;
+                p.i64(ts2.as_nanos())?;
+                p.i64(ts3.as_nanos())?;
+            }
+            Reply::Now { time } => {
+                p.u64(frame.id)?;
+                p.u64(1)?;
+                p.i64(time.as_nanos())?;
+            }
+            Reply::Error { .. } => return postcard::to_slice(frame, p.out).ok().map(|b| b.len()),
+        }
+        Some(p.len)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::wire::ErrorCode;
+        use proptest::prelude::*;
+
+        fn timestamp() -> impl Strategy<Value = Timestamp> {
+            prop_oneof![
+                Just(i64::MIN),
+                Just(i64::MAX),
+                Just(0),
+                Just(-1),
+                any::<i64>()
+            ]
+            .prop_map(Timestamp::from_nanos)
+        }
+
+        fn call() -> impl Strategy<Value = Call> {
+            prop_oneof![
+                timestamp().prop_map(|ts1| Call::Probe { ts1 }),
+                Just(Call::Now)
+            ]
+        }
+
+        fn reply() -> impl Strategy<Value = Reply> {
+            prop_oneof![
+                (timestamp(), timestamp(), timestamp()).prop_map(|(ts1, ts2, ts3)| Reply::Probe {
+                    ts1,
+                    ts2,
+                    ts3
+                }),
+                timestamp().prop_map(|time| Reply::Now { time }),
+                (0..4u8, ".{0,40}").prop_map(|(code, detail)| Reply::Error {
+                    code: [
+                        ErrorCode::Other,
+                        ErrorCode::Busy,
+                        ErrorCode::TimedOut,
+                        ErrorCode::InvalidInput
+                    ][usize::from(code)],
+                    detail,
+                }),
+            ]
+        }
+
+        fn id() -> impl Strategy<Value = u64> {
+            prop_oneof![Just(0), Just(u64::MAX), Just(127), Just(128), any::<u64>()]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(4096))]
+
+            #[test]
+            fn requests_are_written_as_postcard_writes_them(
+                id in id(),
+                deadline_us in prop_oneof![Just(u32::MAX), any::<u32>()],
+                call in call(),
+            ) {
+                let body = RequestBody { id, deadline_us, call };
+                let mut ours = [0u8; 64];
+                let n = put_request(&body, &mut ours);
+                let mut theirs = [0u8; 64];
+                let expected = postcard::to_slice(&body, &mut theirs).unwrap();
+                prop_assert_eq!(&ours[..n], &*expected);
+                let (back, rest) = take_request(&ours[..n]).unwrap();
+                prop_assert_eq!((back.id, back.deadline_us, back.call), (id, deadline_us, call));
+                prop_assert!(rest.is_empty());
+
+                let mut ours = [0u8; 16];
+                let n = put_cancel(&CancelBody { id }, &mut ours);
+                let mut theirs = [0u8; 16];
+                prop_assert_eq!(&ours[..n], &*postcard::to_slice(&CancelBody { id }, &mut theirs).unwrap());
+            }
+
+            #[test]
+            fn replies_are_written_as_postcard_writes_them(id in id(), reply in reply()) {
+                let frame = ServerFrame { id, reply };
+                let mut ours = [0u8; 128];
+                let n = put_server_frame(&frame, &mut ours).unwrap();
+                let mut theirs = [0u8; 128];
+                let expected = postcard::to_slice(&frame, &mut theirs).unwrap();
+                prop_assert_eq!(&ours[..n], &*expected);
+                let (back, rest) = take_server_frame(&ours[..n]).unwrap();
+                prop_assert_eq!(&back, &frame);
+                prop_assert!(rest.is_empty());
+                // A buffer one byte short is refused, not overrun.
+                prop_assert!(put_server_frame(&frame, &mut ours[..n - 1]).is_none());
+            }
+
+            /// Whatever the bytes, ours and postcard's readers agree: the
+            /// same value and the same rest, or both refuse.
+            #[test]
+            fn any_bytes_are_read_as_postcard_reads_them(
+                bytes in prop_oneof![
+                    prop::collection::vec(any::<u8>(), 0..40),
+                    // Long varints, the edges of the last byte's room.
+                    prop::collection::vec(prop_oneof![Just(0xffu8), Just(0x80), Just(0x01), Just(0x02), Just(0x0f), Just(0x10)], 0..40),
+                ],
+            ) {
+                let ours = take_request(&bytes).map(|(b, rest)| ((b.id, b.deadline_us, b.call), rest));
+                let theirs = postcard::take_from_bytes::<RequestBody>(&bytes)
+                    .ok()
+                    .map(|(b, rest)| ((b.id, b.deadline_us, b.call), rest));
+                prop_assert_eq!(ours, theirs);
+                let ours = take_cancel(&bytes).map(|(b, rest)| (b.id, rest));
+                let theirs = postcard::take_from_bytes::<CancelBody>(&bytes).ok().map(|(b, rest)| (b.id, rest));
+                prop_assert_eq!(ours, theirs);
+                let ours = take_server_frame(&bytes);
+                let theirs = postcard::take_from_bytes::<ServerFrame>(&bytes).ok();
+                prop_assert_eq!(ours, theirs);
+            }
+        }
+
+        #[test]
+        fn every_length_of_varint_both_ways() {
+            // Each length from 1 to 10 bytes, at its smallest and largest
+            // value, written and read with room to spare (a word at a
+            // time) and without (a byte at a time), against postcard.
+            let mut values = vec![0u64, u64::MAX];
+            for bits in (7..64).step_by(7) {
+                values.extend([(1u64 << bits) - 1, 1u64 << bits]);
+            }
+            for v in values {
+                let mut theirs = [0u8; 16];
+                let want = postcard::to_slice(&v, &mut theirs).unwrap().to_vec();
+                for room in [want.len(), want.len() + 10] {
+                    let mut out = vec![0u8; room];
+                    let mut p = Put {
+                        out: &mut out,
+                        len: 0,
+                    };
+                    p.u64(v).unwrap();
+                    let len = p.len;
+                    assert_eq!(&out[..len], &want[..], "{v:#x} in {room}");
+                    let mut padded = want.clone();
+                    padded.resize(room, 0xAA);
+                    let mut t = Take(&padded);
+                    assert_eq!(t.u64(), Some(v), "{v:#x}");
+                    assert_eq!(t.0.len(), room - want.len());
+                }
+                assert_eq!(compact(spread(v & LOW_56)), v & LOW_56);
+            }
+        }
+
+        #[test]
+        fn the_edges_of_a_varint() {
+            // u64::MAX takes ten bytes, the last holding one bit.
+            let max = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+            assert_eq!(Take(&max).u64(), Some(u64::MAX));
+            let over = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02];
+            assert_eq!(Take(&over).u64(), None);
+            let eleven = [0x80; 11];
+            assert_eq!(Take(&eleven).u64(), None);
+            // The same with bytes after them (the word-at-a-time path).
+            let mut max_more = max.to_vec();
+            max_more.extend([0u8; 6]);
+            assert_eq!(Take(&max_more).u64(), Some(u64::MAX));
+            let mut over_more = over.to_vec();
+            over_more.extend([0u8; 6]);
+            assert_eq!(Take(&over_more).u64(), None);
+            assert_eq!(Take(&[0x80; 16]).u64(), None);
+            // A u32's fifth byte holds four bits.
+            assert_eq!(Take(&[0xff, 0xff, 0xff, 0xff, 0x0f]).u32(), Some(u32::MAX));
+            assert_eq!(Take(&[0xff, 0xff, 0xff, 0xff, 0x10]).u32(), None);
+            // Not the shortest form, but postcard takes it, and so do we.
+            assert_eq!(Take(&[0x80, 0x00]).u64(), Some(0));
+            assert_eq!(Take(&[]).u64(), None);
         }
     }
 }
