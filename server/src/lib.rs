@@ -29,8 +29,27 @@ use tarpc::server::Serve;
 /// The handlers. Stateless apart from the clock, so it is cloned per request.
 #[derive(Clone, Debug)]
 pub struct TimeServer {
-    clock: Arc<dyn Clock>,
+    clock: HandlerClock,
     processing_delay: Duration,
+}
+
+/// The clock the handlers read. tarpc's methods take `self`, so the
+/// handlers are cloned for every request: the usual clock (the system
+/// clock, shifted by `--offset` or not) is held by value, with no reference
+/// count to bump on each request and no virtual call to read it.
+#[derive(Clone, Debug)]
+enum HandlerClock {
+    System(SkewedClock<SystemClock>),
+    Shared(Arc<dyn Clock>),
+}
+
+impl HandlerClock {
+    fn now(&self) -> Timestamp {
+        match self {
+            HandlerClock::System(clock) => clock.now(),
+            HandlerClock::Shared(clock) => clock.now(),
+        }
+    }
 }
 
 impl TimeServer {
@@ -38,7 +57,15 @@ impl TimeServer {
     /// (simulated work, for demos and tests; zero in production).
     pub fn new(clock: Arc<dyn Clock>, processing_delay: Duration) -> Self {
         TimeServer {
-            clock,
+            clock: HandlerClock::Shared(clock),
+            processing_delay,
+        }
+    }
+
+    /// Handlers reading the system clock shifted by `offset`.
+    pub fn system(offset: Nanos, processing_delay: Duration) -> Self {
+        TimeServer {
+            clock: HandlerClock::System(SkewedClock::new(SystemClock, offset)),
             processing_delay,
         }
     }
@@ -55,8 +82,14 @@ impl TimeService for TimeServer {
     /// them with readings taken next to the socket.
     async fn probe(self, _: Context, ts1: Timestamp) -> ProbeReply {
         let ts2 = self.clock.now();
-        self.work().await;
-        let ts3 = self.clock.now();
+        // With no work between them, ts3 is ts2: a second reading would
+        // only add the cost of reading the clock to every request.
+        let ts3 = if self.processing_delay.is_zero() {
+            ts2
+        } else {
+            self.work().await;
+            self.clock.now()
+        };
         ProbeReply {
             ts1,
             ts2,
@@ -406,10 +439,8 @@ pub struct Server {
 }
 
 /// Binds a UDP socket, naming the address in the error.
-async fn bind_udp(addr: SocketAddr) -> Result<tokio::net::UdpSocket, BindError> {
-    tokio::net::UdpSocket::bind(addr)
-        .await
-        .map_err(|source| BindError::from_io(addr, source))
+fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, BindError> {
+    std::net::UdpSocket::bind(addr).map_err(|source| BindError::from_io(addr, source))
 }
 
 /// Binds a TCP listener, naming the address in the error.
@@ -440,7 +471,7 @@ pub fn measure_precision(clock: &dyn Clock) -> i8 {
 impl Server {
     /// Binds the socket. Must run inside a Tokio runtime.
     pub async fn bind(config: Config) -> Result<Server, BindError> {
-        let socket = bind_udp(config.listen).await?;
+        let socket = bind_udp(config.listen)?;
         let clock: Arc<dyn Clock> = match (&config.clock, config.offset) {
             (Some(clock), _) => clock.clone(),
             (None, Nanos::ZERO) => Arc::new(SystemClock),
@@ -465,7 +496,7 @@ impl Server {
                 ..config.ntp.clone()
             });
             for &addr in &config.ntp_listen {
-                let socket = bind_udp(addr).await?;
+                let socket = bind_udp(addr)?;
                 let transport = ServerConfig {
                     face: face.clone(),
                     ..config.transport.clone()
@@ -525,7 +556,10 @@ impl Server {
             streams,
             ke,
             nts,
-            handlers: TimeServer::new(clock, config.processing_delay),
+            handlers: match &config.clock {
+                Some(clock) => TimeServer::new(clock.clone(), config.processing_delay),
+                None => TimeServer::system(config.offset, config.processing_delay),
+            },
             dispatch: config.dispatch,
             local_stratum: config.ntp.local_stratum,
         })
@@ -642,10 +676,12 @@ impl Server {
     /// Serves until `shutdown` completes; returns the final counters of
     /// the cerv socket (each NTP socket logs its own as it stops).
     ///
-    /// Every socket runs on the current task: one thread serves them all,
-    /// which is the fastest on a small machine (see the README's speed
-    /// section). NTP requests are always dispatched inline: NTP has no
-    /// request ids for a per-peer tarpc channel to track.
+    /// Each datagram socket (cerv's wire, each NTP address) is read by a
+    /// thread of its own, which answers what it can at once; the TCP, TLS
+    /// and key-exchange listeners, and handlers that must wait, run on the
+    /// current task (see the README's speed section). NTP requests are
+    /// always dispatched inline: NTP has no request ids for a per-peer
+    /// tarpc channel to track.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Arc<ServerStats> {
         let handlers = self.handlers;
         // Every socket stops when `shutdown` completes.
@@ -661,10 +697,14 @@ impl Server {
                 Box::pin(handlers.clone().serve().serve(ctx, request))
             }
         };
+        // The datagram sockets poll each handler in place, in a room they
+        // reuse, so their handlers are not boxed.
+        let unboxed =
+            |handlers: TimeServer| move |ctx, request| handlers.clone().serve().serve(ctx, request);
         let ntp = futures::future::join_all(
             self.ntp
                 .into_iter()
-                .map(|udp| udp.run_inline(inline(handlers.clone()), stopped())),
+                .map(|udp| udp.run_inline(unboxed(handlers.clone()), stopped())),
         );
         let handler: Handler = Arc::new(inline(handlers.clone()));
         let streams = futures::future::join_all(
@@ -705,7 +745,7 @@ impl Server {
             match self.dispatch {
                 Dispatch::Inline => {
                     self.udp
-                        .run_inline(inline(handlers.clone()), stopped())
+                        .run_inline(unboxed(handlers.clone()), stopped())
                         .await
                 }
                 Dispatch::Channels => {

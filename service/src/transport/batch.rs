@@ -13,9 +13,8 @@
 
 use super::socket::Arrival;
 use crate::time::Timestamp;
-use socket2::{SockAddr, SockAddrStorage};
 use std::io;
-use std::mem::{size_of, zeroed};
+use std::mem::size_of;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
@@ -28,62 +27,93 @@ const RECV_LEN: usize = crate::wire::MAX_DATAGRAM + 1;
 /// Room for one `SCM_TIMESTAMPNS` control message, aligned for `cmsghdr`.
 type Control = [u64; 8];
 
+/// What the kernel reads and writes in one `recvmmsg`: the buffers, and the
+/// headers that point into them. They live in one heap block that never
+/// moves, so the headers are built once, and each call only resets the
+/// lengths the kernel overwrote in the last one.
+struct RecvBuffers {
+    bufs: [[u8; RECV_LEN]; BATCH],
+    addrs: [libc::sockaddr_storage; BATCH],
+    controls: [Control; BATCH],
+    iovs: [libc::iovec; BATCH],
+    headers: [libc::mmsghdr; BATCH],
+}
+
 /// Buffers for one `recvmmsg`.
 pub struct RecvBatch {
-    bufs: Box<[[u8; RECV_LEN]; BATCH]>,
-    addrs: Box<[SockAddrStorage; BATCH]>,
-    controls: Box<[Control; BATCH]>,
+    buffers: Box<RecvBuffers>,
     arrivals: [Arrival; BATCH],
     filled: usize,
 }
 
+// SAFETY: as for `SendBatch`: the headers point into the batch's own heap
+// block, which moves with it.
+unsafe impl Send for RecvBatch {}
+
 impl Default for RecvBatch {
     fn default() -> Self {
-        RecvBatch {
-            bufs: Box::new([[0; RECV_LEN]; BATCH]),
-            addrs: Box::new(std::array::from_fn(|_| SockAddrStorage::zeroed())),
-            controls: Box::new([[0; 8]; BATCH]),
+        // SAFETY: every field of RecvBuffers is plain data (bytes, C
+        // structs of integers and pointers) for which all-zero is valid.
+        let mut buffers: Box<RecvBuffers> = unsafe { Box::new_zeroed().assume_init() };
+        let b = &mut *buffers;
+        for i in 0..BATCH {
+            b.iovs[i] = libc::iovec {
+                iov_base: b.bufs[i].as_mut_ptr().cast(),
+                iov_len: RECV_LEN,
+            };
+            let h = &mut b.headers[i].msg_hdr;
+            h.msg_name = (&mut b.addrs[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_iov = &mut b.iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = b.controls[i].as_mut_ptr().cast();
+        }
+        let mut batch = RecvBatch {
+            buffers,
             arrivals: [Arrival {
                 len: 0,
                 from: None,
                 kernel_time: None,
                 truncated: false,
             }; BATCH],
-            filled: 0,
-        }
+            filled: BATCH,
+        };
+        batch.reset();
+        batch
     }
 }
 
 impl RecvBatch {
-    /// Reads as many datagrams as are waiting, up to [`BATCH`], without
-    /// blocking; returns how many (an error of kind `WouldBlock` if none).
-    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        self.filled = 0;
-        // SAFETY: zeroed iovec and mmsghdr values are valid; every pointer
-        // set below points into buffers owned by `self` that outlive the call
-        // and are not otherwise borrowed during it.
-        let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
-        let mut headers: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
-        for i in 0..BATCH {
-            iovs[i] = libc::iovec {
-                iov_base: self.bufs[i].as_mut_ptr().cast(),
-                iov_len: RECV_LEN,
-            };
-            let h = &mut headers[i].msg_hdr;
-            h.msg_name = (&mut self.addrs[i] as *mut SockAddrStorage).cast();
-            h.msg_namelen = size_of::<SockAddrStorage>() as libc::socklen_t;
-            h.msg_iov = &mut iovs[i];
-            h.msg_iovlen = 1;
-            h.msg_control = self.controls[i].as_mut_ptr().cast();
+    /// Gives back the room the last call's datagrams used.
+    fn reset(&mut self) {
+        for header in &mut self.buffers.headers[..self.filled] {
+            let h = &mut header.msg_hdr;
+            h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_controllen = size_of::<Control>() as _;
+            h.msg_flags = 0;
         }
-        // SAFETY: `headers` holds BATCH valid headers as set up above.
+        self.filled = 0;
+    }
+
+    /// Reads as many datagrams as are waiting, up to [`BATCH`]; returns how
+    /// many. Without `wait` it never blocks (an error of kind `WouldBlock`
+    /// if none is waiting); with `wait` it blocks for the first as a
+    /// blocking socket does (up to its receive timeout), then takes what
+    /// else is waiting.
+    pub fn recv(&mut self, fd: RawFd, wait: bool) -> io::Result<usize> {
+        self.reset();
+        let flags = if wait {
+            libc::MSG_WAITFORONE
+        } else {
+            libc::MSG_DONTWAIT
+        };
+        // SAFETY: the headers point into `self.buffers`, which lives (and
+        // stays put) for the call and is not otherwise borrowed during it.
         let n = unsafe {
             libc::recvmmsg(
                 fd,
-                headers.as_mut_ptr(),
+                self.buffers.headers.as_mut_ptr(),
                 BATCH as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                flags,
                 std::ptr::null_mut(),
             )
         };
@@ -91,15 +121,12 @@ impl RecvBatch {
             return Err(io::Error::last_os_error());
         }
         let n = n as usize;
-        for (i, header) in headers.iter().enumerate().take(n) {
+        let b = &*self.buffers;
+        for (i, header) in b.headers.iter().enumerate().take(n) {
             let h = &header.msg_hdr;
-            // SAFETY: the kernel wrote a valid address of `msg_namelen`
-            // bytes into our storage.
-            let storage = std::mem::replace(&mut self.addrs[i], SockAddrStorage::zeroed());
-            let from = unsafe { SockAddr::new(storage, h.msg_namelen) }.as_socket();
             self.arrivals[i] = Arrival {
                 len: (header.msg_len as usize).min(RECV_LEN),
-                from,
+                from: socket_addr(&b.addrs[i], h.msg_namelen),
                 kernel_time: kernel_time(h),
                 truncated: h.msg_flags & libc::MSG_TRUNC != 0,
             };
@@ -110,10 +137,40 @@ impl RecvBatch {
 
     /// The datagrams of the last [`recv`](Self::recv).
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &Arrival)> {
-        self.bufs[..self.filled]
+        self.buffers.bufs[..self.filled]
             .iter()
             .zip(&self.arrivals[..self.filled])
             .map(|(buf, a)| (&buf[..a.len], a))
+    }
+}
+
+/// The address the kernel wrote, if it is an IPv4 or IPv6 one.
+fn socket_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    let len = len as usize;
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET if len >= size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says the storage holds a sockaddr_in, and
+            // sockaddr_storage is aligned for every address type.
+            let a =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::from((
+                u32::from_be(a.sin_addr.s_addr).to_be_bytes(),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 if len >= size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for sockaddr_in6.
+            let a = unsafe {
+                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                a.sin6_addr.s6_addr.into(),
+                u16::from_be(a.sin6_port),
+                u32::from_be(a.sin6_flowinfo),
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
     }
 }
 
@@ -144,19 +201,73 @@ fn kernel_time(h: &libc::msghdr) -> Option<Timestamp> {
 /// reply can be as long as its request).
 pub const SEND_LEN: usize = crate::wire::MAX_DATAGRAM;
 
+/// What the kernel reads in one `sendmmsg`: the datagrams, their
+/// destinations (an IPv4 address in the first bytes of the room an IPv6
+/// one takes) and the headers that point at them, built once, in one heap
+/// block that never moves.
+struct SendBuffers {
+    bufs: [[u8; SEND_LEN]; BATCH],
+    addrs: [libc::sockaddr_in6; BATCH],
+    iovs: [libc::iovec; BATCH],
+    headers: [libc::mmsghdr; BATCH],
+}
+
 /// Buffers for one `sendmmsg`.
 pub struct SendBatch {
-    bufs: Box<[[u8; SEND_LEN]; BATCH]>,
-    lens: [usize; BATCH],
-    addrs: Vec<SockAddr>,
+    buffers: Box<SendBuffers>,
+    queued: usize,
 }
+
+// SAFETY: the raw pointers in the headers point into the batch's own heap
+// block, which moves with it (the box's contents never move); nothing else
+// holds them between calls.
+unsafe impl Send for SendBatch {}
 
 impl Default for SendBatch {
     fn default() -> Self {
-        SendBatch {
-            bufs: Box::new([[0; SEND_LEN]; BATCH]),
-            lens: [0; BATCH],
-            addrs: Vec::with_capacity(BATCH),
+        // SAFETY: every field of SendBuffers is plain data (bytes, C
+        // structs of integers and pointers) for which all-zero is valid.
+        let mut buffers: Box<SendBuffers> = unsafe { Box::new_zeroed().assume_init() };
+        let b = &mut *buffers;
+        for i in 0..BATCH {
+            b.iovs[i].iov_base = b.bufs[i].as_mut_ptr().cast();
+            let h = &mut b.headers[i].msg_hdr;
+            h.msg_name = (&mut b.addrs[i] as *mut libc::sockaddr_in6).cast();
+            h.msg_iov = &mut b.iovs[i];
+            h.msg_iovlen = 1;
+        }
+        SendBatch { buffers, queued: 0 }
+    }
+}
+
+/// Writes `to` as the kernel reads it into `room`; returns its length.
+fn write_sockaddr(to: SocketAddr, room: &mut libc::sockaddr_in6) -> libc::socklen_t {
+    match to {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: a sockaddr_in is smaller than a sockaddr_in6 and
+            // needs no stricter alignment.
+            unsafe { std::ptr::write((room as *mut libc::sockaddr_in6).cast(), sin) };
+            size_of::<libc::sockaddr_in>() as libc::socklen_t
+        }
+        SocketAddr::V6(v6) => {
+            *room = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo().to_be(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            size_of::<libc::sockaddr_in6>() as libc::socklen_t
         }
     }
 }
@@ -164,17 +275,17 @@ impl Default for SendBatch {
 impl SendBatch {
     /// Datagrams queued.
     pub fn len(&self) -> usize {
-        self.addrs.len()
+        self.queued
     }
 
     /// True when nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.addrs.is_empty()
+        self.queued == 0
     }
 
     /// True when no more fit.
     pub fn is_full(&self) -> bool {
-        self.addrs.len() == BATCH
+        self.queued == BATCH
     }
 
     /// Queues a datagram for `to`, written by `fill` into a buffer of
@@ -184,47 +295,36 @@ impl SendBatch {
         to: SocketAddr,
         fill: impl FnOnce(&mut [u8; SEND_LEN]) -> Option<usize>,
     ) {
-        let i = self.addrs.len();
+        let i = self.queued;
         if i == BATCH {
             return;
         }
-        if let Some(len) = fill(&mut self.bufs[i]) {
-            self.lens[i] = len.min(SEND_LEN);
-            self.addrs.push(SockAddr::from(to));
+        let b = &mut *self.buffers;
+        if let Some(len) = fill(&mut b.bufs[i]) {
+            b.iovs[i].iov_len = len.min(SEND_LEN);
+            b.headers[i].msg_hdr.msg_namelen = write_sockaddr(to, &mut b.addrs[i]);
+            self.queued += 1;
         }
     }
 
-    /// Sends the queued datagrams from the `start`-th on, without blocking;
-    /// returns how many the kernel took (an error of kind `WouldBlock` if
-    /// none). The caller drops what it cannot send.
+    /// Sends the queued datagrams from the `start`-th on; returns how many
+    /// the kernel took. On a blocking socket it waits for room (up to the
+    /// socket's send timeout); on a non-blocking one, an error of kind
+    /// `WouldBlock` says there was room for none. The caller drops what
+    /// it cannot send.
     pub fn send(&mut self, fd: RawFd, start: usize) -> io::Result<usize> {
-        let n = self.addrs.len().saturating_sub(start);
+        let n = self.queued.saturating_sub(start);
         if n == 0 {
             return Ok(0);
         }
-        // SAFETY: as in `RecvBatch::recv`: all pointers point into buffers
-        // owned by `self`, alive and unborrowed for the call.
-        let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
-        let mut headers: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
-        for k in 0..n {
-            let i = start + k;
-            iovs[k] = libc::iovec {
-                iov_base: self.bufs[i].as_mut_ptr().cast(),
-                iov_len: self.lens[i],
-            };
-            let h = &mut headers[k].msg_hdr;
-            h.msg_name = self.addrs[i].as_ptr() as *mut libc::c_void;
-            h.msg_namelen = self.addrs[i].len();
-            h.msg_iov = &mut iovs[k];
-            h.msg_iovlen = 1;
-        }
-        // SAFETY: `headers[..n]` are valid as set up above.
+        // SAFETY: the headers from `start` on were filled by `push` and
+        // point into `self.buffers`, alive and unborrowed for the call.
         let sent = unsafe {
             libc::sendmmsg(
                 fd,
-                headers.as_mut_ptr(),
+                self.buffers.headers[start..].as_mut_ptr(),
                 n as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                0,
             )
         };
         if sent < 0 {
@@ -235,7 +335,7 @@ impl SendBatch {
 
     /// Empties the batch.
     pub fn clear(&mut self) {
-        self.addrs.clear();
+        self.queued = 0;
     }
 }
 
@@ -263,14 +363,14 @@ mod tests {
         assert_eq!(out.send(tx.as_raw_fd(), 5).unwrap(), 0);
 
         let mut inbox = RecvBatch::default();
-        let n = inbox.recv(rx.as_raw_fd()).unwrap();
+        let n = inbox.recv(rx.as_raw_fd(), false).unwrap();
         assert_eq!(n, 5);
         for (i, (bytes, arrival)) in inbox.iter().enumerate() {
             assert_eq!(bytes, &[i as u8; 3]);
             assert_eq!(arrival.from, Some(tx.local_addr().unwrap()));
             assert!(!arrival.truncated);
         }
-        let again = inbox.recv(rx.as_raw_fd()).unwrap_err();
+        let again = inbox.recv(rx.as_raw_fd(), false).unwrap_err();
         assert_eq!(again.kind(), io::ErrorKind::WouldBlock);
     }
 
@@ -280,7 +380,7 @@ mod tests {
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         tx.send_to(&[7u8; 5000], rx.local_addr().unwrap()).unwrap();
         let mut inbox = RecvBatch::default();
-        assert_eq!(inbox.recv(rx.as_raw_fd()).unwrap(), 1);
+        assert_eq!(inbox.recv(rx.as_raw_fd(), false).unwrap(), 1);
         let (bytes, arrival) = inbox.iter().next().unwrap();
         assert_eq!(bytes.len(), RECV_LEN);
         assert!(arrival.truncated);

@@ -1,12 +1,12 @@
 //! The server side of the UDP transport: one socket, demultiplexed by peer.
 //!
 //! ```text
-//!            ┌──────────── reader task ────────────┐   inline:   handler, polled in place
-//! datagrams ─▶ recvmmsg → kernel ts2 → decode       ├─▶ or
-//!            └─────────────────────────────────────┘   channels: peer table → queue → BaseChannel → handler
-//!                                                                          │
-//! replies ◀──── sendmmsg ◀── stamp ts3, encode ◀── reader (after each batch) ◀── outbox (bounded)
-//!                                              ◀── or writer task (later replies)
+//!            ┌────────────── reader thread ──────────────┐   inline:   handler, polled in place
+//! datagrams ─▶ recvmmsg (blocking) → kernel ts2 → decode  ├─▶ or
+//!            └───────────────────────────────────────────┘   channels: peer table → queue → BaseChannel → handler
+//!                                                                                 │ (tasks on the runtime)
+//! replies ◀──── sendmmsg ◀── stamp ts3, encode ◀── reader (after each batch)       │
+//!                                              ◀── writer thread ◀── outbox ◀─────┘ (later replies)
 //! ```
 //!
 //! Two ways to dispatch requests share the reader and the writer:
@@ -30,15 +30,26 @@
 //!   peer holds about 14 KiB (mostly tarpc's timer wheel); inline dispatch
 //!   keeps neither.
 //!
+//! **Threads, not the runtime.** The socket is read by a thread of its own
+//! that blocks in `recvmmsg`, as a bare echo server does: the kernel wakes
+//! it straight from the socket. Registered with the runtime's epoll
+//! instance instead, the socket would wake that instance for every datagram
+//! that arrives and for every reply the kernel frees (about a twentieth of
+//! a busy server's time), and a request that finds the server idle would
+//! wait for the runtime, then for the task. The runtime keeps only what
+//! must wait (handlers that sleep, tarpc channels); the replies those give
+//! later reach a writer thread through the outbox.
+//!
 //! Datagrams are read and replies sent in batches ([`super::batch`]): one
-//! system call for up to 64 datagrams. Replies from every peer go to one
-//! outbox. After each batch it reads, the reader sends what the outbox
-//! holds (the answers given at once, in one `sendmmsg`, with no hop to
-//! another task); a writer task sends what comes later (handlers that
-//! waited, tarpc channels). Either takes what is there, reads the clock
-//! once, stamps ts3 (and `now()`'s answer) with it and sends the lot, so
-//! the stamp is taken just before the replies leave, however many there
-//! are.
+//! system call for up to 64 datagrams. After each batch it reads, the reader
+//! sends the answers given at once, in one `sendmmsg`; the writer sends
+//! what comes later. Either reads the clock once, stamps ts3 (and `now()`'s
+//! answer) with it and sends the lot, so the stamp is taken just before the
+//! replies leave, however many there are.
+//!
+//! A stop sets a flag and shuts the socket for reading, which ends the
+//! reader's blocked `recvmmsg` at once; nothing is answered once
+//! [`UdpServer::run`] or [`UdpServer::run_inline`] has returned.
 
 use super::batch::{BATCH, RecvBatch, SendBatch};
 use super::face::{self, Decoded, Face, Inbound, NtpState, NtsReply, ReplyAs};
@@ -58,17 +69,16 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tarpc::server::{BaseChannel, Serve};
 use tarpc::{ClientMessage, Request, Response};
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -265,53 +275,72 @@ enum PendingReply {
     NtsNak,
 }
 
-/// Replies waiting to be sent, from every peer.
+/// Replies that were not ready when their request was read (handlers
+/// that waited, tarpc channels), from every peer, for the writer thread.
 struct Outbox {
-    queue: Mutex<VecDeque<Outgoing>>,
-    ready: Notify,
-    closed: AtomicBool,
+    state: Mutex<OutboxState>,
+    ready: Condvar,
+}
+
+struct OutboxState {
+    queue: VecDeque<Outgoing>,
+    closed: bool,
 }
 
 /// Most replies waiting for the writer; more are dropped and counted.
 const MAX_OUTBOX: usize = 16 * 1024;
 
 impl Outbox {
-    /// Queues a reply for the writer task, and wakes it.
+    fn new() -> Arc<Outbox> {
+        Arc::new(Outbox {
+            state: Mutex::new(OutboxState {
+                queue: VecDeque::new(),
+                closed: false,
+            }),
+            ready: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutboxState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a reply for the writer, and wakes it.
     fn push(&self, item: Outgoing, stats: &ServerStats) {
-        if self.queue(item, stats) {
-            self.ready.notify_one();
-        }
-    }
-
-    /// Queues a reply the reader sends itself after its batch: waking the
-    /// writer for it would only have it find the outbox empty.
-    fn push_for_reader(&self, item: Outgoing, stats: &ServerStats) {
-        self.queue(item, stats);
-    }
-
-    fn queue(&self, item: Outgoing, stats: &ServerStats) -> bool {
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if q.len() >= MAX_OUTBOX {
-            drop(q);
+        let mut state = self.lock();
+        if state.queue.len() >= MAX_OUTBOX || state.closed {
+            drop(state);
             stats.send_failed.incr();
-            return false;
+            return;
         }
-        q.push_back(item);
-        true
+        state.queue.push_back(item);
+        drop(state);
+        self.ready.notify_one();
     }
 
-    /// Moves up to one batch into `into`.
-    fn take(&self, into: &mut Vec<Outgoing>) {
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let n = q.len().min(BATCH);
-        into.extend(q.drain(..n));
+    /// Waits for replies and moves up to one batch into `into`; false once
+    /// the outbox is closed and empty.
+    fn take(&self, into: &mut Vec<Outgoing>) -> bool {
+        let mut state = self.lock();
+        while state.queue.is_empty() && !state.closed {
+            state = self.ready.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        let n = state.queue.len().min(BATCH);
+        into.extend(state.queue.drain(..n));
+        n > 0 || !state.closed
+    }
+
+    /// No more replies: the writer sends what is queued and stops.
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
     }
 }
 
 /// How many arrival stamps each peer keeps (indexed by request id).
 const ARRIVALS: usize = 32;
 
-/// The tarpc transport of one peer: requests come from the reader task's
+/// The tarpc transport of one peer: requests come from the reader thread's
 /// queue, replies go to the shared outbox.
 pub struct PeerTransport {
     peer: SocketAddr,
@@ -501,56 +530,38 @@ where
     }
 }
 
-/// Sends what the peers put in the outbox, a batch at a time, until the
-/// outbox is closed and empty.
-/// Encodes and sends what the outbox holds: the writer task's work, and
-/// the reader's after each batch it reads (so that answers given at once
-/// leave in one `sendmmsg` per batch read, with no hop to another task).
+/// Encodes and sends replies: the reader's after each batch it reads (the
+/// answers given at once leave in one `sendmmsg`, with no hop to another
+/// thread), and the writer's (replies that came later).
 struct Sender {
     socket: Arc<UdpSocket>,
     clock: Arc<dyn Clock>,
     stats: Arc<ServerStats>,
     keys: Option<Arc<KeyRing>>,
-    taken: Vec<Outgoing>,
     batch: SendBatch,
     ntp_state: Option<NtpState>,
 }
 
 impl Sender {
-    fn new(
-        socket: Arc<UdpSocket>,
-        clock: Arc<dyn Clock>,
-        stats: Arc<ServerStats>,
-        keys: Option<Arc<KeyRing>>,
-        face: &Face,
-    ) -> Sender {
+    fn new(server: &UdpServer) -> Sender {
         Sender {
-            socket,
-            clock,
-            stats,
-            keys,
-            taken: Vec::with_capacity(BATCH),
+            socket: server.socket.clone(),
+            clock: server.clock.clone(),
+            stats: server.stats.clone(),
+            keys: server.config.keys.clone(),
             batch: SendBatch::default(),
-            ntp_state: match face {
+            ntp_state: match &server.config.face {
                 Face::Ntp(ntp) => Some(NtpState::new(ntp.clone())),
                 Face::Cerv => None,
             },
         }
     }
 
-    /// Sends everything in the outbox, a batch at a time.
-    async fn flush(&mut self, outbox: &Outbox) {
-        loop {
-            self.taken.clear();
-            outbox.take(&mut self.taken);
-            if self.taken.is_empty() {
-                return;
-            }
-            self.send_taken().await;
+    /// Encodes and sends `replies` (at most one batch), emptying it.
+    fn send(&mut self, replies: &mut Vec<Outgoing>) {
+        if replies.is_empty() {
+            return;
         }
-    }
-
-    async fn send_taken(&mut self) {
         let fd = self.socket.as_raw_fd();
         let stats = &*self.stats;
         let batch = &mut self.batch;
@@ -561,12 +572,14 @@ impl Sender {
         // The NTP face's account of the clock, once per batch.
         let state = self.ntp_state.as_mut().map(|s| s.current(now));
         batch.clear();
-        for out in self.taken.drain(..) {
+        for out in replies.drain(..) {
             let to = out.to;
             match out.reply_as {
                 ReplyAs::Cerv(auth) => {
                     let auth = auth.zip(keys_now.as_deref());
-                    batch.push(to, |buf| encode_cerv(out, now, auth, buf, stats));
+                    batch.push(to, |buf| {
+                        encode_cerv(out.id, out.reply, now, auth, buf, stats)
+                    });
                 }
                 ReplyAs::Ntp(request) => {
                     let Some(state) = state else {
@@ -587,17 +600,16 @@ impl Sender {
                 }
             }
         }
+        // The socket blocks (a full send buffer holds the sender back, up
+        // to its send timeout); a datagram the kernel refuses is dropped.
         let mut start = 0;
         while start < batch.len() {
-            match self
-                .socket
-                .async_io(Interest::WRITABLE, || batch.send(fd, start))
-                .await
-            {
+            match batch.send(fd, start) {
                 Ok(sent) => {
                     stats.replied.add(sent as u64);
                     start += sent.max(1);
                 }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     // The first datagram of the rest failed (an unroutable
                     // peer, say): drop it and go on with the others.
@@ -610,18 +622,13 @@ impl Sender {
     }
 }
 
-/// The writer task: sends replies that were not ready when their batch
-/// was read (handlers that waited, tarpc channels), until the outbox
-/// closes.
-async fn write_replies(mut sender: Sender, outbox: Arc<Outbox>) {
-    loop {
-        sender.flush(&outbox).await;
-        if outbox.closed.load(Ordering::Acquire) {
-            // Anything pushed between the flush and the close goes too.
-            sender.flush(&outbox).await;
-            return;
-        }
-        outbox.ready.notified().await;
+/// The writer thread: sends the replies that were not ready when their
+/// batch was read (handlers that waited, tarpc channels), until the outbox
+/// is closed and empty.
+fn write_replies(mut sender: Sender, outbox: &Outbox) {
+    let mut taken = Vec::with_capacity(BATCH);
+    while outbox.take(&mut taken) {
+        sender.send(&mut taken);
     }
 }
 
@@ -630,19 +637,20 @@ async fn write_replies(mut sender: Sender, outbox: Arc<Outbox>) {
 /// (plus the trailer, when tagged) and a reply is cut to `MAX_REPLY_LEN`
 /// (plus the trailer), so it is never larger than what caused it.
 fn encode_cerv(
-    out: Outgoing,
+    id: u64,
+    reply: PendingReply,
     now: Timestamp,
     auth: Option<(wire::Authenticated, &Keys)>,
     buf: &mut [u8],
     stats: &ServerStats,
 ) -> Option<usize> {
-    let reply = match out.reply {
+    let reply = match reply {
         PendingReply::Probe { ts1, ts2 } => Reply::Probe { ts1, ts2, ts3: now },
         PendingReply::Now => Reply::Now { time: now },
         PendingReply::Error { code, detail } => Reply::Error { code, detail },
         PendingReply::Kiss(_) | PendingReply::NtsNak => return None,
     };
-    let frame = ServerFrame { id: out.id, reply };
+    let frame = ServerFrame { id, reply };
     // The request was tagged with one of our keys (or decoding it would
     // have failed), and its reply is tagged with the same.
     let key = auth.and_then(|(a, keys)| keys.get(a.key_id).map(|key| (key, a.tag)));
@@ -695,7 +703,7 @@ fn encode_nts(
         return None;
     };
     let header = ntp::write_reply(&nts.header, state, ts2, now, buf);
-    match crate::nts::ef::write_reply(buf, header, &nts.request, &nts.cookies, &rand::random()) {
+    match crate::nts::ef::write_reply(buf, header, &nts.request, nts.cookies(), &rand::random()) {
         Ok(len) => Some(len),
         Err(e) => {
             debug!(error = %e, "NTS reply not sent");
@@ -721,10 +729,33 @@ struct Peer {
 /// How often idle peers are looked for.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
 
+/// How long the reader blocks in `recvmmsg` at most, so that it sweeps
+/// (and sees a stop that did not wake it) on time while idle.
+const RECV_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// How long a reply may wait for room in the socket's send buffer before
+/// it is dropped.
+const SEND_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// What holds for every datagram of one batch.
+struct BatchContext {
+    /// When the batch was read (a monotonic reading, once per batch).
+    now: Instant,
+    /// Sweeps so far.
+    tick: u64,
+}
+
 /// What the reader does with each decoded datagram.
 trait Dispatch {
-    /// Hands over one datagram from `from`; `tick` counts sweeps.
-    fn dispatch(&mut self, from: SocketAddr, inbound: Inbound, tick: u64);
+    /// Hands over one datagram from `from`; an answer given at once goes
+    /// in `replies`, to leave with the rest of the batch's.
+    fn dispatch(
+        &mut self,
+        from: SocketAddr,
+        inbound: Inbound,
+        batch: &BatchContext,
+        replies: &mut Vec<Outgoing>,
+    );
     /// Called every [`SWEEP_EVERY`].
     fn sweep(&mut self, tick: u64);
     /// Stops taking requests; returns the tasks still serving some.
@@ -732,8 +763,8 @@ trait Dispatch {
 }
 
 /// One tarpc channel per peer, in a bounded table (the design's server).
-struct Channels<'a, F> {
-    config: &'a ServerConfig,
+struct Channels<F> {
+    config: ServerConfig,
     stats: Arc<ServerStats>,
     outbox: Arc<Outbox>,
     context: tarpc::context::Context,
@@ -744,7 +775,7 @@ struct Channels<'a, F> {
     evicted_at_tick: Option<u64>,
 }
 
-impl<F> Channels<'_, F> {
+impl<F> Channels<F> {
     /// Forgets peers last heard from before the sweep tick `before`.
     fn evict_idle(&mut self, before: u64) {
         let len = self.peers.len();
@@ -757,12 +788,19 @@ impl<F> Channels<'_, F> {
     }
 }
 
-impl<F, Fut> Dispatch for Channels<'_, F>
+impl<F, Fut> Dispatch for Channels<F>
 where
     F: FnMut(PeerChannel) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    fn dispatch(&mut self, from: SocketAddr, mut inbound: Inbound, tick: u64) {
+    fn dispatch(
+        &mut self,
+        from: SocketAddr,
+        mut inbound: Inbound,
+        batch: &BatchContext,
+        _: &mut Vec<Outgoing>,
+    ) {
+        let tick = batch.tick;
         let creates_peer = matches!(inbound.frame, ClientFrame::Request { .. });
         if let Some(peer) = self.peers.get_mut(&from) {
             peer.last_seen = tick;
@@ -844,7 +882,7 @@ const MAX_PENDING: usize = 4096;
 /// polled once as its datagram is read; one that answers at once (every
 /// handler of cerv's, without a simulated processing delay) is answered
 /// then and there, one that must wait gets a task of its own.
-struct Inline<H> {
+struct Inline<H, F> {
     config: ServerConfig,
     stats: Arc<ServerStats>,
     outbox: Arc<Outbox>,
@@ -855,33 +893,24 @@ struct Inline<H> {
     waiting: HashMap<(SocketAddr, u64), tokio::task::AbortHandle>,
     /// Handlers waiting, per peer (each task counts itself out).
     per_peer: HashMap<SocketAddr, Arc<std::sync::atomic::AtomicUsize>>,
+    /// The room the last handler that answered at once was polled in:
+    /// the next one is written into it, so a server whose handlers all
+    /// answer at once allocates nothing per request.
+    spare: Option<Pin<Box<F>>>,
 }
 
-impl<H> Inline<H> {
-    fn reply(
-        &self,
-        to: SocketAddr,
-        id: u64,
-        message: Result<TimeServiceResponse, tarpc::ServerError>,
-        inbound: &Inbound,
-    ) {
-        self.outbox.push_for_reader(
-            Outgoing {
-                to,
-                id,
-                reply: pending_reply(message, Some(inbound.received)),
-                reply_as: inbound.reply_as.clone(),
-            },
-            &self.stats,
-        );
-    }
-}
-
-impl<H> Dispatch for Inline<H>
+impl<H, F> Dispatch for Inline<H, F>
 where
-    H: Fn(tarpc::context::Context, TimeServiceRequest) -> HandlerFuture,
+    H: Fn(tarpc::context::Context, TimeServiceRequest) -> F,
+    F: Future<Output = Result<TimeServiceResponse, tarpc::ServerError>> + Send + 'static,
 {
-    fn dispatch(&mut self, from: SocketAddr, inbound: Inbound, _tick: u64) {
+    fn dispatch(
+        &mut self,
+        from: SocketAddr,
+        inbound: Inbound,
+        batch: &BatchContext,
+        replies: &mut Vec<Outgoing>,
+    ) {
         let (id, deadline, call) = match inbound.frame {
             ClientFrame::Request { id, deadline, call } => (id, deadline, call),
             ClientFrame::Cancel { id } => {
@@ -899,27 +928,71 @@ where
         };
         let mut context = self.context;
         // The wire decoder clamped `deadline`.
-        let deadline = Instant::now() + deadline;
+        let deadline = batch.now + deadline;
         context.deadline = deadline;
-        let mut handler = (self.handler)(context, request);
-        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
-        if let Poll::Ready(message) = handler.as_mut().poll(&mut cx) {
-            self.reply(from, id, message, &inbound);
-            return;
-        }
-        // It must wait: give it a task, within the limits.
-        let waiting_here = self
-            .per_peer
-            .get(&from)
-            .map_or(0, |c| c.load(Ordering::Relaxed));
-        if waiting_here >= self.config.max_in_flight || self.pending.len() >= MAX_PENDING {
-            let busy = tarpc::ServerError::new(
-                io::ErrorKind::WouldBlock,
-                "too many requests in flight".into(),
-            );
-            self.reply(from, id, Err(busy), &inbound);
-            return;
-        }
+        let future = (self.handler)(context, request);
+        let mut handler = match self.spare.take() {
+            Some(mut room) => {
+                room.set(future);
+                room
+            }
+            None => Box::pin(future),
+        };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let answer = match handler.as_mut().poll(&mut cx) {
+            Poll::Ready(message) => {
+                self.spare = Some(handler);
+                message
+            }
+            Poll::Pending => {
+                let waiting_here = self
+                    .per_peer
+                    .get(&from)
+                    .map_or(0, |c| c.load(Ordering::Relaxed));
+                if waiting_here < self.config.max_in_flight && self.pending.len() < MAX_PENDING {
+                    self.wait(from, id, deadline, handler, inbound);
+                    return;
+                }
+                Err(tarpc::ServerError::new(
+                    io::ErrorKind::WouldBlock,
+                    "too many requests in flight".into(),
+                ))
+            }
+        };
+        replies.push(Outgoing {
+            to: from,
+            id,
+            reply: pending_reply(answer, Some(inbound.received)),
+            reply_as: inbound.reply_as,
+        });
+    }
+
+    fn sweep(&mut self, _tick: u64) {
+        while self.pending.try_join_next().is_some() {}
+        self.waiting.retain(|_, h| !h.is_finished());
+        self.per_peer
+            .retain(|_, count| Arc::strong_count(count) > 1);
+    }
+
+    fn close(self) -> JoinSet<()> {
+        self.pending
+    }
+}
+
+impl<H, F> Inline<H, F>
+where
+    F: Future<Output = Result<TimeServiceResponse, tarpc::ServerError>> + Send + 'static,
+{
+    /// Gives a handler that must wait a task of its own; its answer goes
+    /// to the writer, unless its deadline passes first.
+    fn wait(
+        &mut self,
+        from: SocketAddr,
+        id: u64,
+        deadline: Instant,
+        handler: Pin<Box<F>>,
+        inbound: Inbound,
+    ) {
         let waiting = InFlight::enter(self.per_peer.entry(from).or_default().clone());
         let outbox = self.outbox.clone();
         let stats = self.stats.clone();
@@ -941,17 +1014,6 @@ where
             drop(waiting);
         });
         self.waiting.insert((from, id), handle);
-    }
-
-    fn sweep(&mut self, _tick: u64) {
-        while self.pending.try_join_next().is_some() {}
-        self.waiting.retain(|_, h| !h.is_finished());
-        self.per_peer
-            .retain(|_, count| Arc::strong_count(count) > 1);
-    }
-
-    fn close(self) -> JoinSet<()> {
-        self.pending
     }
 }
 
@@ -991,6 +1053,126 @@ fn pending_reply(
     }
 }
 
+/// The reader thread's state: it reads the socket, blocking in
+/// `recvmmsg` as a bare echo server does (a thread woken straight from the
+/// socket, which no epoll instance watches), checks and decodes each
+/// datagram, dispatches it, and sends the batch's answers itself.
+struct Reader<D> {
+    socket: Arc<UdpSocket>,
+    clock: Arc<dyn Clock>,
+    config: ServerConfig,
+    stats: Arc<ServerStats>,
+    dispatch: D,
+    sender: Sender,
+}
+
+impl<D: Dispatch> Reader<D> {
+    /// Serves until `stop` is set (and the socket shut for reading, which
+    /// wakes it); returns the dispatch, whose waiting tasks the caller
+    /// lets finish.
+    fn run(mut self, stop: &AtomicBool) -> D {
+        let mut batch = RecvBatch::default();
+        let mut replies: Vec<Outgoing> = Vec::with_capacity(BATCH);
+        let fd = self.socket.as_raw_fd();
+        let started = Instant::now();
+        let mut last_sweep = started;
+        let mut tick: u64 = 0;
+        let mut limiter = Limiter::new(self.config.rate_limit, DEFAULT_SLOTS);
+        // The kisses sent to rate-limited NTP clients are limited too, per
+        // source, in a smaller table.
+        let mut kiss_limiter = match &self.config.face {
+            Face::Ntp(ntp) => Limiter::new(ntp.kiss_limit, DEFAULT_SLOTS / 16),
+            Face::Cerv => Limiter::new(RateLimit::OFF, 0),
+        };
+        let face = self.config.face.clone();
+        let mut next_id = 0u64;
+        let mut last_log = (started, 0u64);
+        loop {
+            let received = batch.recv(fd, true);
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            let now = Instant::now();
+            if now.duration_since(last_sweep) >= SWEEP_EVERY {
+                last_sweep = now;
+                tick += 1;
+                self.dispatch.sweep(tick);
+                let interval = self.config.stats_interval;
+                let count = self.stats.received.get();
+                if !interval.is_zero() && last_log.0.elapsed() >= interval && count != last_log.1 {
+                    info!(stats = %self.stats, "counters");
+                    last_log = (now, count);
+                }
+            }
+            let n = match received {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    if !is_transient(&e) {
+                        warn!(error = %e, "udp receive failed");
+                        // Not something the network did: do not spin on it.
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    self.stats.recv_failed.incr();
+                    continue;
+                }
+            };
+            self.stats.batches.observe(n as u64);
+            // One clock reading per batch for the limiter, and the keys in
+            // force (a reload swaps them).
+            let context = BatchContext { now, tick };
+            let now_ns = now.duration_since(started).as_nanos() as u64;
+            let keys_now = self.config.keys.as_ref().map(|k| k.current());
+            self.stats.received.add(n as u64);
+            for (bytes, arrival) in batch.iter() {
+                if let Some(from) = arrival.from
+                    && !limiter.allow(from.ip(), now_ns)
+                {
+                    self.stats.rate_limited.incr();
+                    if let Some(request) = face::kiss_candidate(&face, bytes) {
+                        if kiss_limiter.allow(from.ip(), now_ns) {
+                            self.stats.kiss_sent.incr();
+                            replies.push(Outgoing {
+                                to: from,
+                                id: 0,
+                                reply: PendingReply::Kiss(face::RATE_KISS),
+                                reply_as: ReplyAs::Ntp(request),
+                            });
+                        } else {
+                            self.stats.kiss_suppressed.incr();
+                        }
+                    }
+                    continue;
+                }
+                match face::decode(
+                    &face,
+                    &self.stats,
+                    &*self.clock,
+                    keys_now.as_deref(),
+                    bytes,
+                    arrival,
+                    &mut next_id,
+                ) {
+                    Decoded::Request(from, inbound) => {
+                        self.dispatch
+                            .dispatch(from, inbound, &context, &mut replies);
+                    }
+                    Decoded::Nak(from, request) => replies.push(Outgoing {
+                        to: from,
+                        id: 0,
+                        reply: PendingReply::NtsNak,
+                        reply_as: ReplyAs::NtsNak(request),
+                    }),
+                    Decoded::Dropped => {}
+                }
+            }
+            // The answers given at once leave now, together.
+            self.sender.send(&mut replies);
+        }
+        self.dispatch
+    }
+}
+
 impl UdpServer {
     /// A server reading `socket`, stamping with `clock`. Asks the kernel
     /// to stamp arrivals unless `config.stamping` says otherwise (and falls
@@ -1019,34 +1201,26 @@ impl UdpServer {
         self.stats.clone()
     }
 
-    fn new_outbox() -> Arc<Outbox> {
-        Arc::new(Outbox {
-            queue: Mutex::new(VecDeque::new()),
-            ready: Notify::new(),
-            closed: AtomicBool::new(false),
-        })
-    }
-
     /// Serves with one tarpc channel per peer until `shutdown` completes,
     /// then lets requests in flight finish (within the configured grace) and
     /// returns the counters.
     ///
     /// `run_channel` is called once per new peer with that peer's channel
     /// and must return the future that serves it (usually
-    /// [`run_channel`](fn@run_channel)); each runs in a task of its own.
+    /// [`run_channel`](fn@run_channel)); each runs in a task of its own on
+    /// the runtime this is called from.
     pub async fn run<F, Fut>(
         self,
         run_channel: F,
         shutdown: impl Future<Output = ()>,
     ) -> Arc<ServerStats>
     where
-        F: FnMut(PeerChannel) -> Fut,
+        F: FnMut(PeerChannel) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let outbox = Self::new_outbox();
-        let config = self.config.clone();
+        let outbox = Outbox::new();
         let channels = Channels {
-            config: &config,
+            config: self.config.clone(),
             stats: self.stats.clone(),
             outbox: outbox.clone(),
             context: tarpc::context::current(),
@@ -1060,20 +1234,21 @@ impl UdpServer {
 
     /// Serves requests in place, without per-peer state, until `shutdown`
     /// completes. `handler` is called for every request and returns the
-    /// handler's future boxed (for cerv:
-    /// `move |ctx, req| Box::pin(handlers.clone().serve().serve(ctx, req))`).
+    /// handler's future (for cerv:
+    /// `move |ctx, req| handlers.clone().serve().serve(ctx, req)`).
     /// A handler that answers when first polled is answered at once; one
-    /// that must wait runs in a task of its own, at most `max_in_flight`
-    /// per peer, until its deadline.
-    pub async fn run_inline<H>(
+    /// that must wait runs in a task of its own on the runtime this is
+    /// called from, at most `max_in_flight` per peer, until its deadline.
+    pub async fn run_inline<H, F>(
         self,
         handler: H,
         shutdown: impl Future<Output = ()>,
     ) -> Arc<ServerStats>
     where
-        H: Fn(tarpc::context::Context, TimeServiceRequest) -> HandlerFuture,
+        H: Fn(tarpc::context::Context, TimeServiceRequest) -> F + Send + 'static,
+        F: Future<Output = Result<TimeServiceResponse, tarpc::ServerError>> + Send + 'static,
     {
-        let outbox = Self::new_outbox();
+        let outbox = Outbox::new();
         let inline = Inline {
             config: self.config.clone(),
             stats: self.stats.clone(),
@@ -1083,148 +1258,136 @@ impl UdpServer {
             pending: JoinSet::new(),
             waiting: HashMap::new(),
             per_peer: HashMap::new(),
+            spare: None,
         };
         self.serve(inline, outbox, shutdown).await
     }
 
-    /// The reader loop both dispatches share.
-    async fn serve<D: Dispatch>(
+    /// Runs the reader and writer threads until `shutdown` completes.
+    ///
+    /// The socket is served by threads of its own, not by the runtime: a
+    /// socket an epoll instance watches wakes that instance for every
+    /// datagram that arrives and every reply the kernel frees, which costs
+    /// a busy server about a twentieth of its time, and a request that
+    /// finds the server idle would wait for the runtime to wake, then for
+    /// the task. The runtime keeps what must wait (handlers that sleep,
+    /// tarpc channels); their replies reach the writer thread through the
+    /// outbox.
+    async fn serve<D: Dispatch + Send + 'static>(
         self,
-        mut dispatch: D,
+        dispatch: D,
         outbox: Arc<Outbox>,
         shutdown: impl Future<Output = ()>,
     ) -> Arc<ServerStats> {
-        let sender = || {
-            Sender::new(
-                self.socket.clone(),
-                self.clock.clone(),
-                self.stats.clone(),
-                self.config.keys.clone(),
-                &self.config.face,
-            )
-        };
-        let writer = tokio::spawn(write_replies(sender(), outbox.clone()));
-        let mut replier = sender();
-        let mut batch = RecvBatch::default();
-        let fd = self.socket.as_raw_fd();
-        let mut sweep = tokio::time::interval(SWEEP_EVERY);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut tick: u64 = 0;
-        let mut limiter = Limiter::new(self.config.rate_limit, DEFAULT_SLOTS);
-        // The kisses sent to rate-limited NTP clients are limited too, per
-        // source, in a smaller table.
-        let mut kiss_limiter = match &self.config.face {
-            Face::Ntp(ntp) => Limiter::new(ntp.kiss_limit, DEFAULT_SLOTS / 16),
-            Face::Cerv => Limiter::new(RateLimit::OFF, 0),
-        };
-        let face = self.config.face.clone();
-        let mut next_id = 0u64;
-        let started = Instant::now();
-        let mut last_log = (started, 0u64);
-        tokio::pin!(shutdown);
-
-        loop {
-            tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                _ = sweep.tick() => {
-                    tick += 1;
-                    dispatch.sweep(tick);
-                    let interval = self.config.stats_interval;
-                    let received = self.stats.received.get();
-                    if !interval.is_zero() && last_log.0.elapsed() >= interval && received != last_log.1 {
-                        info!(stats = %self.stats, "counters");
-                        last_log = (Instant::now(), received);
-                    }
-                }
-                received = self.socket.async_io(Interest::READABLE, || batch.recv(fd)) => {
-                    match received {
-                        Ok(n) => {
-                            self.stats.batches.observe(n as u64);
-                            // One clock reading per batch for the limiter,
-                            // and the keys in force (a reload swaps them).
-                            let now = started.elapsed().as_nanos() as u64;
-                            let keys_now = self.config.keys.as_ref().map(|k| k.current());
-                            for (bytes, arrival) in batch.iter() {
-                                self.stats.received.incr();
-                                if let Some(from) = arrival.from
-                                    && !limiter.allow(from.ip(), now)
-                                {
-                                    self.stats.rate_limited.incr();
-                                    if let Some(request) = face::kiss_candidate(&face, bytes) {
-                                        if kiss_limiter.allow(from.ip(), now) {
-                                            self.stats.kiss_sent.incr();
-                                            outbox.push_for_reader(Outgoing {
-                                                to: from,
-                                                id: 0,
-                                                reply: PendingReply::Kiss(face::RATE_KISS),
-                                                reply_as: ReplyAs::Ntp(request),
-                                            }, &self.stats);
-                                        } else {
-                                            self.stats.kiss_suppressed.incr();
-                                        }
-                                    }
-                                    continue;
-                                }
-                                match face::decode(
-                                    &face,
-                                    &self.stats,
-                                    &*self.clock,
-                                    keys_now.as_deref(),
-                                    bytes,
-                                    arrival,
-                                    &mut next_id,
-                                ) {
-                                    Decoded::Request(from, inbound) => {
-                                        dispatch.dispatch(from, inbound, tick);
-                                    }
-                                    Decoded::Nak(from, request) => outbox.push_for_reader(
-                                        Outgoing {
-                                            to: from,
-                                            id: 0,
-                                            reply: PendingReply::NtsNak,
-                                            reply_as: ReplyAs::NtsNak(request),
-                                        },
-                                        &self.stats,
-                                    ),
-                                    Decoded::Dropped => {}
-                                }
-                            }
-                            // The answers given at once leave now, together.
-                            replier.flush(&outbox).await;
-                        }
-                        Err(e) => {
-                            if !is_transient(&e) {
-                                warn!(error = %e, "udp receive failed");
-                            }
-                            self.stats.recv_failed.incr();
-                            tokio::task::yield_now().await;
-                        }
-                    }
-                }
-            }
+        let runtime = tokio::runtime::Handle::current();
+        if let Err(e) = self.socket.set_nonblocking(false).and_then(|()| {
+            let s = socket2::SockRef::from(&*self.socket);
+            s.set_read_timeout(Some(RECV_TIMEOUT))?;
+            s.set_write_timeout(Some(SEND_TIMEOUT))
+        }) {
+            warn!(error = %e, "cannot set the socket's timeouts");
         }
+        let name = |role| match &self.config.face {
+            Face::Cerv => format!("cerv-{role}"),
+            Face::Ntp(_) => format!("ntp-{role}"),
+        };
+        let writer = {
+            let (sender, outbox) = (Sender::new(&self), outbox.clone());
+            std::thread::Builder::new()
+                .name(name("writer"))
+                .spawn(move || write_replies(sender, &outbox))
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        // However this future ends (also dropped with its runtime), the
+        // threads stop.
+        let _stop_threads = StopThreads {
+            stop: stop.clone(),
+            socket: self.socket.clone(),
+            outbox: outbox.clone(),
+        };
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let reader = Reader {
+            sender: Sender::new(&self),
+            socket: self.socket.clone(),
+            clock: self.clock.clone(),
+            config: self.config.clone(),
+            stats: self.stats.clone(),
+            dispatch,
+        };
+        let reader = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name(name("reader"))
+                .spawn(move || {
+                    // Handlers that must wait are spawned onto the runtime.
+                    let _runtime = runtime.enter();
+                    let _ = done.send(reader.run(&stop));
+                })
+        };
+        let (writer, reader) = match (writer, reader) {
+            (Ok(w), Ok(r)) => (w, r),
+            (w, r) => {
+                let e = w
+                    .err()
+                    .or(r.err())
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                warn!(error = %e, "cannot start the socket's threads");
+                return self.stats;
+            }
+        };
+        shutdown.await;
+        stop_reader(&stop, &self.socket);
+        let dispatch = finished.await;
+        let _ = reader.join();
 
         // Let requests in flight finish; then the writer sends what is
         // left and stops.
         let grace = self.config.shutdown_grace;
-        let mut tasks = dispatch.close();
-        if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
-            .await
-            .is_err()
-        {
-            warn!(
-                remaining = tasks.len(),
-                "requests still in flight at shutdown; abandoned"
-            );
-            tasks.abort_all();
+        if let Ok(dispatch) = dispatch {
+            let mut tasks = dispatch.close();
+            if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+                .await
+                .is_err()
+            {
+                warn!(
+                    remaining = tasks.len(),
+                    "requests still in flight at shutdown; abandoned"
+                );
+                tasks.abort_all();
+            }
+        } else {
+            warn!("the socket's reader thread failed");
         }
-        outbox.closed.store(true, Ordering::Release);
-        outbox.ready.notify_one();
+        outbox.close();
+        let writer = tokio::task::spawn_blocking(move || writer.join());
         if tokio::time::timeout(grace, writer).await.is_err() {
             warn!("replies still unsent at shutdown; abandoned");
         }
         info!(stats = %self.stats, "server stopped");
         self.stats
+    }
+}
+
+/// Tells the reader thread to stop and wakes it: a socket shut for
+/// reading ends a blocked receive at once (the call reports ENOTCONN on an
+/// unconnected UDP socket, and does it all the same).
+fn stop_reader(stop: &AtomicBool, socket: &UdpSocket) {
+    stop.store(true, Ordering::Release);
+    // SAFETY: shutdown(2) on a descriptor the server owns.
+    unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RD) };
+}
+
+/// Stops a server's threads when dropped.
+struct StopThreads {
+    stop: Arc<AtomicBool>,
+    socket: Arc<UdpSocket>,
+    outbox: Arc<Outbox>,
+}
+
+impl Drop for StopThreads {
+    fn drop(&mut self) {
+        stop_reader(&self.stop, &self.socket);
+        self.outbox.close();
     }
 }
