@@ -152,9 +152,21 @@ impl MasterKeys {
     /// one repeats, but two cookies with the same nonce and keys would be
     /// equal, and cookies must not link a client's requests.
     pub fn seal(&self, keys: &CookieKeys, nonce: &[u8; NONCE_LEN]) -> Vec<u8> {
-        let mut cookie = vec![0u8; COOKIE_LEN];
+        let mut cookie = [0u8; COOKIE_LEN];
+        self.seal_into(keys, nonce, &mut cookie);
+        cookie.to_vec()
+    }
+
+    /// [`seal`](Self::seal) into a buffer of the caller's (a server seals
+    /// a fresh cookie for every request it answers).
+    pub fn seal_into(
+        &self,
+        keys: &CookieKeys,
+        nonce: &[u8; NONCE_LEN],
+        cookie: &mut [u8; COOKIE_LEN],
+    ) {
         let Some(master) = self.keys.front() else {
-            return cookie; // unreachable: there is always a current key
+            return; // unreachable: there is always a current key
         };
         let id = master.id.to_be_bytes();
         let mut plain = [0u8; PLAIN_LEN];
@@ -168,7 +180,6 @@ impl MasterKeys {
             .cipher
             .seal(nonce, &id, &plain, &mut cookie[KEY_ID_LEN + NONCE_LEN..]);
         plain.zeroize();
-        cookie
     }
 
     /// Opens a cookie this server sealed under one of the keys it holds.

@@ -217,7 +217,16 @@ pub struct NtsRequest {
 /// are allowed (the authenticator covers them). On error,
 /// [`NtsError::nak`] says whether to answer with [`write_nak`].
 pub fn open_request(packet: &[u8], master: &MasterKeys) -> Result<NtsRequest, NtsError> {
-    let request = ntp::parse_request(packet)?;
+    open_parsed(packet, &ntp::parse_request(packet)?, master)
+}
+
+/// [`open_request`] for a packet the caller has parsed already (a server
+/// parses every request once, to tell NTS from plain NTP).
+pub fn open_parsed(
+    packet: &[u8],
+    request: &ntp::Request<'_>,
+    master: &MasterKeys,
+) -> Result<NtsRequest, NtsError> {
     if request.header.version != ntp::VERSION {
         return Err(PacketError::Version(request.header.version).into());
     }
@@ -288,23 +297,33 @@ pub fn open_request(packet: &[u8], master: &MasterKeys) -> Result<NtsRequest, Nt
 ///
 /// The header must be final, its transmit timestamp included: the
 /// authenticator covers it. Seal the cookies before taking ts3.
-pub fn write_reply(
+pub fn write_reply<C: AsRef<[u8]>>(
     out: &mut [u8],
     start: usize,
     req: &NtsRequest,
-    new_cookies: &[Vec<u8>],
+    new_cookies: &[C],
     nonce: &[u8; NONCE_LEN],
 ) -> Result<usize, NtsError> {
     check_start(start, out.len())?;
-    let mut plain = Vec::with_capacity(new_cookies.iter().map(|c| c.len() + 8).sum());
+    // The cookie fields, to be encrypted: no larger than the request,
+    // which is no larger than a datagram.
+    let mut room = [0u8; crate::wire::MAX_DATAGRAM];
+    let mut len = 0;
     for cookie in new_cookies {
+        let cookie = cookie.as_ref();
         if cookie.is_empty() || cookie.len() > MAX_COOKIE_LEN {
             return Err(NtsError::BadCookie(cookie.len()));
         }
-        let at = plain.len();
-        plain.resize(at + field_len(cookie.len()), 0);
-        put_field(&mut plain, at, COOKIE, cookie)?;
+        let need = len + field_len(cookie.len());
+        if need > req.request_len.min(room.len()) {
+            return Err(NtsError::ReplyTooLarge {
+                need: start + need,
+                max: req.request_len,
+            });
+        }
+        len += put_field(&mut room[..need], len, COOKIE, cookie)?;
     }
+    let plain = &room[..len];
     let need = start + field_len(req.uid.len()) + authenticator_len(NONCE_LEN, plain.len());
     if need > req.request_len {
         return Err(NtsError::ReplyTooLarge {
@@ -314,7 +333,7 @@ pub fn write_reply(
     }
     let mut at = start;
     at += put_field(out, at, UNIQUE_IDENTIFIER, &req.uid)?;
-    at += put_authenticator(out, at, &req.keys.s2c, nonce, &plain)?;
+    at += put_authenticator(out, at, &req.keys.s2c, nonce, plain)?;
     Ok(at)
 }
 

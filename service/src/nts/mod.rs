@@ -7,7 +7,7 @@
 //!   client's request and response parsing, the server's negotiation and
 //!   response, and what to export from TLS ([`ke::export_keys`]).
 //! - [`aead`]: AEAD_AES_SIV_CMAC_256, the one algorithm (id 15), and
-//!   [`aead::Key`], wiped on drop.
+//!   [`aead::Key`], wiped on drop; over [`aes128`], AES-128 with AES-NI.
 //! - [`cookie`]: the server's cookies, sealed under rotating
 //!   [`cookie::MasterKeys`].
 //! - [`ef`]: the NTS extension fields of NTPv4 requests and replies: write
@@ -30,6 +30,7 @@
 //! ```
 
 pub mod aead;
+pub mod aes128;
 pub mod cookie;
 pub mod ef;
 pub mod jar;

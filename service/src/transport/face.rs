@@ -24,6 +24,8 @@ use super::socket::Arrival;
 use crate::auth::Keys;
 use crate::clock::{self, Clock};
 use crate::ntp::{self, PacketError, RefId, ServerState};
+use crate::nts::cookie::COOKIE_LEN;
+use crate::nts::ef::MAX_COOKIES;
 use crate::nts::{MasterKeys, NtsRequest, ef};
 use crate::time::Timestamp;
 use crate::wire::{self, Authenticated, Call, ClientFrame, DecodeError};
@@ -91,12 +93,21 @@ pub(crate) enum ReplyAs {
 }
 
 /// What an NTS reply needs: the request's header and NTS fields (its
-/// keys), and the fresh cookies, already sealed.
+/// keys), and the fresh cookies, already sealed (in place: one allocation
+/// per request, this).
 #[derive(Debug)]
 pub(crate) struct NtsReply {
     pub header: ntp::Header,
     pub request: NtsRequest,
-    pub cookies: Vec<Vec<u8>>,
+    sealed: [[u8; COOKIE_LEN]; MAX_COOKIES],
+    count: usize,
+}
+
+impl NtsReply {
+    /// The fresh cookies.
+    pub fn cookies(&self) -> &[[u8; COOKIE_LEN]] {
+        &self.sealed[..self.count]
+    }
 }
 
 /// What became of a datagram.
@@ -170,16 +181,19 @@ pub(crate) fn decode(
                 let reply_as = match (&ntp.nts, is_nts) {
                     (Some(master), true) => {
                         let master = master.read().unwrap_or_else(|p| p.into_inner());
-                        match ef::open_request(bytes, &master) {
+                        match ef::open_parsed(bytes, &request, &master) {
                             Ok(opened) => {
                                 stats.nts_requests.incr();
-                                let cookies = (0..opened.cookies_wanted)
-                                    .map(|_| master.seal(&opened.keys, &rand::random()))
-                                    .collect();
+                                let count = opened.cookies_wanted.min(MAX_COOKIES);
+                                let mut sealed = [[0u8; COOKIE_LEN]; MAX_COOKIES];
+                                for cookie in &mut sealed[..count] {
+                                    master.seal_into(&opened.keys, &rand::random(), cookie);
+                                }
                                 ReplyAs::Nts(Arc::new(NtsReply {
                                     header: request.header,
                                     request: opened,
-                                    cookies,
+                                    sealed,
+                                    count,
                                 }))
                             }
                             Err(e) if e.nak() => {
