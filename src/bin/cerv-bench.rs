@@ -52,6 +52,11 @@ struct Args {
     /// starting one; only the throughput and latency parts apply.
     #[arg(long, value_name = "ADDR")]
     server: Option<SocketAddr>,
+    /// What `--server` speaks: cerv's wire, NTP (its --ntp-listen
+    /// address), or nothing of its own (an echo server: the requests come
+    /// back as they went).
+    #[arg(long, value_enum, default_value = "cerv", requires = "server")]
+    server_wire: ServerWire,
     /// Leave the generator and the servers to the scheduler instead of
     /// pinning them to separate CPUs (for a before-and-after).
     #[arg(long)]
@@ -59,6 +64,13 @@ struct Args {
     /// Extra arguments for cerv.
     #[arg(last = true)]
     cerv_args: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ServerWire {
+    Cerv,
+    Ntp,
+    Echo,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -182,9 +194,14 @@ fn main() {
             pace: Duration::ZERO,
             spin: pins.is_some(),
         };
+        let (name, target) = match args.server_wire {
+            ServerWire::Cerv => ("cerv", Target::Cerv),
+            ServerWire::Ntp => ("cerv ntp", Target::Ntp),
+            ServerWire::Echo => ("echo", Target::Echo),
+        };
         for _ in 0..args.runs {
-            let r = load::run(addr, Target::Cerv, config).expect("load");
-            println!("{}", describe("cerv", &r));
+            let r = load::run(addr, target.clone(), config).expect("load");
+            println!("{}", describe(name, &r));
         }
         return;
     }
