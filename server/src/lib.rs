@@ -31,6 +31,9 @@ use tarpc::server::Serve;
 pub struct TimeServer {
     clock: HandlerClock,
     processing_delay: Duration,
+    /// The transport replaces ts2, ts3 and `now`'s answer with its own
+    /// readings next to the socket: the handlers need not read the clock.
+    transport_stamps: bool,
 }
 
 /// The clock the handlers read. tarpc's methods take `self`, so the
@@ -59,6 +62,7 @@ impl TimeServer {
         TimeServer {
             clock: HandlerClock::Shared(clock),
             processing_delay,
+            transport_stamps: false,
         }
     }
 
@@ -67,6 +71,29 @@ impl TimeServer {
         TimeServer {
             clock: HandlerClock::System(SkewedClock::new(SystemClock, offset)),
             processing_delay,
+            transport_stamps: false,
+        }
+    }
+
+    /// The same handlers for transports that stamp ts2 and ts3 (and
+    /// `now()`'s answer) themselves, next to the socket, as every one of
+    /// cerv's does (`UdpServer`, `TcpServer`): the handlers then read no
+    /// clock, whose readings would only be replaced (one reading per
+    /// request is about a hundredth of a busy server's time). Their
+    /// answers then carry the epoch instead.
+    pub fn stamped_by_transport(self) -> Self {
+        TimeServer {
+            transport_stamps: true,
+            ..self
+        }
+    }
+
+    /// The clock now, unless the transport will stamp the answer itself.
+    fn reading(&self) -> Timestamp {
+        if self.transport_stamps {
+            Timestamp::EPOCH
+        } else {
+            self.clock.now()
         }
     }
 
@@ -78,17 +105,18 @@ impl TimeServer {
 }
 
 impl TimeService for TimeServer {
-    /// ts2 and ts3 are read here as a fallback; the UDP transport replaces
-    /// them with readings taken next to the socket.
+    /// ts2 and ts3 are read here for transports that do not stamp them
+    /// (tarpc's in-memory channel, say); cerv's own replace them with
+    /// readings taken next to the socket.
     async fn probe(self, _: Context, ts1: Timestamp) -> ProbeReply {
-        let ts2 = self.clock.now();
+        let ts2 = self.reading();
         // With no work between them, ts3 is ts2: a second reading would
         // only add the cost of reading the clock to every request.
         let ts3 = if self.processing_delay.is_zero() {
             ts2
         } else {
             self.work().await;
-            self.clock.now()
+            self.reading()
         };
         ProbeReply {
             ts1,
@@ -100,7 +128,7 @@ impl TimeService for TimeServer {
 
     async fn now(self, _: Context) -> Timestamp {
         self.work().await;
-        self.clock.now()
+        self.reading()
     }
 }
 
@@ -559,7 +587,8 @@ impl Server {
             handlers: match &config.clock {
                 Some(clock) => TimeServer::new(clock.clone(), config.processing_delay),
                 None => TimeServer::system(config.offset, config.processing_delay),
-            },
+            }
+            .stamped_by_transport(),
             dispatch: config.dispatch,
             local_stratum: config.ntp.local_stratum,
         })

@@ -209,9 +209,10 @@ mod sys {
         };
         // SAFETY: `ts` is a valid timespec for the call to fill.
         unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-        let nanos = (ts.tv_sec as i64)
+        let nanos = ts
+            .tv_sec
             .checked_mul(1_000_000_000)
-            .and_then(|n| n.checked_add(ts.tv_nsec as i64));
+            .and_then(|n| n.checked_add(ts.tv_nsec));
         Timestamp::from_nanos(nanos.unwrap_or(if ts.tv_sec < 0 { i64::MIN } else { i64::MAX }))
     }
 

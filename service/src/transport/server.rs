@@ -351,7 +351,6 @@ pub struct PeerTransport {
     /// When each request in flight arrived (its ts2), and its tag.
     arrivals: [Option<(u64, Timestamp, ReplyAs)>; ARRIVALS],
     max_in_flight: usize,
-    has_keys: bool,
 }
 
 /// A peer's tarpc channel, as handed to the function that runs it.
@@ -396,26 +395,14 @@ impl PeerTransport {
         let slot = &mut self.arrivals[(id % ARRIVALS as u64) as usize];
         let Some((_, arrival, reply_as)) = slot.take_if(|(sid, ..)| *sid == id) else {
             // The request's record was overwritten by later ones (more than
-            // ARRIVALS in flight): its tag is gone, so an authenticated
-            // reply cannot be made; an untagged one goes out with the
-            // handler's own ts2.
-            if self.has_keys {
-                self.stats.send_failed.incr();
-            } else {
-                let reply = pending_reply(response.message, None);
-                self.outbox.push(
-                    Outgoing {
-                        to: self.peer,
-                        id,
-                        reply,
-                        reply_as: ReplyAs::Cerv(None),
-                    },
-                    &self.stats,
-                );
-            }
+            // ARRIVALS in flight): its arrival time and its tag are gone,
+            // and a reply without them would be no answer (the client
+            // asks again).
+            self.stats.send_failed.incr();
+            debug!(peer = %self.peer, id, "arrival of a request forgotten; no reply");
             return;
         };
-        let reply = pending_reply(response.message, Some(arrival));
+        let reply = pending_reply(response.message, arrival);
         self.outbox.push(
             Outgoing {
                 to: self.peer,
@@ -841,7 +828,6 @@ where
             context: self.context,
             arrivals: std::array::from_fn(|_| None),
             max_in_flight: self.config.max_in_flight.max(1),
-            has_keys: self.config.keys.is_some(),
         };
         // A fresh queue has room for one.
         let _ = tx.try_send(inbound);
@@ -962,7 +948,7 @@ where
         replies.push(Outgoing {
             to: from,
             id,
-            reply: pending_reply(answer, Some(inbound.received)),
+            reply: pending_reply(answer, inbound.received),
             reply_as: inbound.reply_as,
         });
     }
@@ -1005,7 +991,7 @@ where
                     Outgoing {
                         to: from,
                         id,
-                        reply: pending_reply(message, Some(received)),
+                        reply: pending_reply(message, received),
                         reply_as,
                     },
                     &stats,
@@ -1035,15 +1021,15 @@ impl Drop for InFlight {
 }
 
 /// How a tarpc response becomes a reply for the writer, with ts2 taken from
-/// the request's arrival when known.
+/// the request's arrival (the handler's own readings are never used).
 fn pending_reply(
     message: Result<TimeServiceResponse, tarpc::ServerError>,
-    arrival: Option<Timestamp>,
+    arrival: Timestamp,
 ) -> PendingReply {
     match message {
         Ok(TimeServiceResponse::Probe(p)) => PendingReply::Probe {
             ts1: p.ts1,
-            ts2: arrival.unwrap_or(p.ts2),
+            ts2: arrival,
         },
         Ok(TimeServiceResponse::Now(_)) => PendingReply::Now,
         Err(e) => PendingReply::Error {
