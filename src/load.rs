@@ -204,6 +204,9 @@ struct Mmsg {
     names: Box<[libc::sockaddr_storage; BATCH]>,
     namelens: [libc::socklen_t; BATCH],
     truncated: [bool; BATCH],
+    /// Room for each datagram's arrival stamp, when the socket asks for
+    /// them (the stamped echo).
+    controls: Option<Box<[[u64; 8]; BATCH]>>,
 }
 
 impl Mmsg {
@@ -215,6 +218,7 @@ impl Mmsg {
             names: Box::new(unsafe { std::mem::zeroed() }),
             namelens: [0; BATCH],
             truncated: [false; BATCH],
+            controls: None,
         }
     }
 
@@ -248,6 +252,10 @@ impl Mmsg {
             }
             h.msg_iov = &mut iovs[i];
             h.msg_iovlen = 1;
+            if let (true, Some(controls)) = (receiving, self.controls.as_mut()) {
+                h.msg_control = controls[i].as_mut_ptr().cast();
+                h.msg_controllen = std::mem::size_of::<[u64; 8]>() as _;
+            }
         }
         f(&mut headers[..n])
     }
@@ -278,6 +286,10 @@ impl Mmsg {
                     h.msg_hdr.msg_namelen,
                     h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
                 );
+                if h.msg_hdr.msg_controllen > 0 {
+                    // Read the stamp as a time server would.
+                    std::hint::black_box(arrival_stamp(&h.msg_hdr));
+                }
             }
             n
         });
@@ -311,6 +323,25 @@ impl Mmsg {
     fn datagram(&self, i: usize) -> &[u8] {
         &self.bufs[i][..self.lens[i]]
     }
+}
+
+/// The `SCM_TIMESTAMPNS` stamp of a received message, in nanoseconds.
+fn arrival_stamp(h: &libc::msghdr) -> Option<i64> {
+    // SAFETY: the CMSG_* macros walk the control buffer the kernel filled,
+    // within `msg_controllen`; the data of an SCM_TIMESTAMPNS message is a
+    // timespec, read unaligned.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(h);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS
+            {
+                let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                return Some(ts.tv_sec * 1_000_000_000 + ts.tv_nsec);
+            }
+            cmsg = libc::CMSG_NXTHDR(h, cmsg);
+        }
+    }
+    None
 }
 
 /// Round trips as they come in: a counter per 32 ns up to about 4 ms (an
@@ -644,7 +675,21 @@ pub struct EchoServer {
 impl EchoServer {
     /// Starts on a free loopback port, its thread on `cpu` if given.
     pub fn start(cpu: Option<usize>) -> io::Result<EchoServer> {
+        EchoServer::start_with(cpu, false)
+    }
+
+    /// An echo that also asks the kernel to stamp every arrival
+    /// (`SO_TIMESTAMPNS`, as cerv does) and reads each stamp: the ceiling
+    /// for a time server, which needs them.
+    pub fn start_stamped(cpu: Option<usize>) -> io::Result<EchoServer> {
+        EchoServer::start_with(cpu, true)
+    }
+
+    fn start_with(cpu: Option<usize>, stamped: bool) -> io::Result<EchoServer> {
         let socket = UdpSocket::bind("127.0.0.1:0")?;
+        if stamped {
+            service::transport::socket::enable_timestamps(&socket)?;
+        }
         socket.set_read_timeout(Some(Duration::from_millis(20)))?;
         let addr = socket.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -655,6 +700,10 @@ impl EchoServer {
                 let _ = pinned_tx.send(cpu.map_or(Ok(()), pin_thread));
                 let fd = socket.as_raw_fd();
                 let mut batch = Mmsg::new();
+                if stamped {
+                    // SAFETY: all-zero bytes are a valid array of u64.
+                    batch.controls = Some(Box::new(unsafe { std::mem::zeroed() }));
+                }
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok(n) = batch.recv(fd, true, false) {
                         let _ = batch.send(fd, n, true);

@@ -141,24 +141,37 @@ impl Pins {
     }
 }
 
-/// One run of echo, cerv's own wire and cerv's NTP face, in turn.
+/// One run of echo, the stamped echo, cerv's own wire and cerv's NTP
+/// face, in turn.
 struct Round {
     echo: LoadReport,
+    stamped: LoadReport,
     cerv: LoadReport,
     ntp: LoadReport,
 }
 
-/// Alternating echo, cerv and cerv NTP runs.
-fn compare(cerv: &Cerv, echo: SocketAddr, config: LoadConfig, runs: usize) -> Vec<Round> {
+/// The two echo servers: the bare one (the ceiling for any request-reply
+/// service) and one that also has the kernel stamp every arrival (the
+/// ceiling for a time server, which needs those stamps).
+struct Echoes {
+    bare: EchoServer,
+    stamped: EchoServer,
+}
+
+/// Alternating echo, stamped echo, cerv and cerv NTP runs.
+fn compare(cerv: &Cerv, echoes: &Echoes, config: LoadConfig, runs: usize) -> Vec<Round> {
     (0..runs)
         .map(|i| {
             let round = Round {
-                echo: load::run(echo, Target::Echo, config).expect("echo run"),
+                echo: load::run(echoes.bare.addr(), Target::Echo, config).expect("echo run"),
+                stamped: load::run(echoes.stamped.addr(), Target::Echo, config)
+                    .expect("stamped echo run"),
                 cerv: load::run(cerv.addr, Target::Cerv, config).expect("cerv run"),
                 ntp: load::run(cerv.ntp_addrs[0], Target::Ntp, config).expect("cerv ntp run"),
             };
             println!("run {}:", i + 1);
             println!("  {}", describe("echo", &round.echo));
+            println!("  {}", describe("stamped", &round.stamped));
             println!("  {}", describe("cerv", &round.cerv));
             println!("  {}", describe("cerv ntp", &round.ntp));
             round
@@ -180,7 +193,11 @@ fn main() {
     let cerv_args: Vec<&str> = args.cerv_args.iter().map(String::as_str).collect();
     let cores = load::allowed_cpus().len();
     let pins = if args.no_pin { None } else { Pins::new() };
-    let echo = EchoServer::start(pins.map(|p| p.server)).expect("echo server");
+    let echoes = Echoes {
+        bare: EchoServer::start(pins.map(|p| p.server)).expect("echo server"),
+        stamped: EchoServer::start_stamped(pins.map(|p| p.server)).expect("stamped echo server"),
+    };
+    let echo = &echoes.bare;
     if let Some(addr) = args.server {
         let config = LoadConfig {
             window: if args.only == Some(Part::Latency) {
@@ -240,11 +257,17 @@ fn main() {
             "\n## throughput: window {}, {} socket(s), {:?} per run",
             config.window, config.sockets, duration
         );
-        let rounds = compare(&cerv, echo.addr(), config, args.runs);
+        let rounds = compare(&cerv, &echoes, config, args.runs);
         println!(
             "median throughput ratios: cerv/echo {:.3}, cerv ntp/echo {:.3}",
             median_ratio(&rounds, |r| r.cerv.rate() / r.echo.rate()),
             median_ratio(&rounds, |r| r.ntp.rate() / r.echo.rate())
+        );
+        println!(
+            "against the stamped echo: stamped/echo {:.3}, cerv/stamped {:.3}, cerv ntp/stamped {:.3}",
+            median_ratio(&rounds, |r| r.stamped.rate() / r.echo.rate()),
+            median_ratio(&rounds, |r| r.cerv.rate() / r.stamped.rate()),
+            median_ratio(&rounds, |r| r.ntp.rate() / r.stamped.rate())
         );
     }
 
@@ -258,11 +281,17 @@ fn main() {
             spin: pins.is_some(),
         };
         println!("\n## latency: window 1, {duration:?} per run");
-        let rounds = compare(&cerv, echo.addr(), config, args.runs);
+        let rounds = compare(&cerv, &echoes, config, args.runs);
         println!(
             "median p50 latency ratios: cerv/echo {:.3}, cerv ntp/echo {:.3}",
             median_ratio(&rounds, |r| r.cerv.rtt_us(0.5) / r.echo.rtt_us(0.5)),
             median_ratio(&rounds, |r| r.ntp.rtt_us(0.5) / r.echo.rtt_us(0.5))
+        );
+        println!(
+            "against the stamped echo: stamped/echo {:.3}, cerv/stamped {:.3}, cerv ntp/stamped {:.3}",
+            median_ratio(&rounds, |r| r.stamped.rtt_us(0.5) / r.echo.rtt_us(0.5)),
+            median_ratio(&rounds, |r| r.cerv.rtt_us(0.5) / r.stamped.rtt_us(0.5)),
+            median_ratio(&rounds, |r| r.ntp.rtt_us(0.5) / r.stamped.rtt_us(0.5))
         );
     }
 
@@ -328,7 +357,7 @@ fn main() {
         spoof_part(args.spoofed, &args.cerv_args);
     }
     if wants(Part::Ntp) {
-        ntp_part(throughput, args.runs, &echo, pins, &args.cerv_args);
+        ntp_part(throughput, args.runs, echo, pins, &args.cerv_args);
     }
 }
 
