@@ -35,13 +35,13 @@ fuzz_target!(|data: &[u8]| {
         };
         let ts = Timestamp::from_nanos(1_795_000_000_000_000_000);
         let mut out = [0u8; 1200];
-        let n = ntp::write_reply(&request.header, &state, ts, ts, &mut out);
+        let n = ntp::write_reply(request.header.echo(), &state, ts, ts, &mut out);
         assert!(n <= data.len());
         match ntp::check_reply(&out[..n], request.header.transmit) {
             Ok(Reply::Time { receive, .. }) => assert_eq!(receive.to_timestamp(ts), ts),
             other => assert!(request.header.transmit.is_zero(), "{other:?}"),
         }
-        let n = ntp::write_kiss(&request.header, ntp::RefId::RATE, &mut out);
+        let n = ntp::write_kiss(request.header.echo(), ntp::RefId::RATE, &mut out);
         assert!(n <= data.len());
     }
     // Any 8 bytes are a timestamp that round-trips within its era.

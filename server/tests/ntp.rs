@@ -325,7 +325,7 @@ async fn a_genuine_deny_stops_the_source() {
                 && let Ok(req) = ntp::parse_request(&buf[..n])
             {
                 let mut out = [0u8; 48];
-                ntp::write_kiss(&req.header, RefId::DENY, &mut out);
+                ntp::write_kiss(req.header.echo(), RefId::DENY, &mut out);
                 let _ = socket.send_to(&out, from);
             }
         }

@@ -467,13 +467,19 @@ pub fn parse_request(bytes: &[u8]) -> Result<Request<'_>, PacketError> {
     if !(3..=4).contains(&header.version) {
         return Err(PacketError::Version(header.version));
     }
-    let trailer = parse_trailer(&bytes[HEADER_LEN..])?;
-    if trailer.mac.is_some() {
-        return Err(PacketError::Mac);
-    }
+    // Most requests are a bare header.
+    let fields = if bytes.len() == HEADER_LEN {
+        Vec::new()
+    } else {
+        let trailer = parse_trailer(&bytes[HEADER_LEN..])?;
+        if trailer.mac.is_some() {
+            return Err(PacketError::Mac);
+        }
+        trailer.fields
+    };
     Ok(Request {
         header,
-        fields: trailer.fields,
+        fields,
         len: bytes.len(),
     })
 }
@@ -606,42 +612,97 @@ fn precision_nanos(precision: i8) -> Nanos {
     }
 }
 
+/// What a reply echoes of its request: its version and poll, and its
+/// transmit timestamp as the reply's origin. A server keeps only this of
+/// a request it has yet to answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Echo {
+    /// The request's version (the reply speaks it back).
+    pub version: u8,
+    /// The request's poll exponent (copied).
+    pub poll: i8,
+    /// The request's transmit timestamp (the reply's origin).
+    pub transmit: NtpTimestamp,
+}
+
+impl Header {
+    /// What a reply to this request echoes.
+    pub fn echo(&self) -> Echo {
+        Echo {
+            version: self.version,
+            poll: self.poll,
+            transmit: self.transmit,
+        }
+    }
+}
+
+/// A mode-4 reply with everything that does not depend on the request in
+/// place: the server's state and the transmit timestamp. A server builds
+/// one per batch of replies (one state, one ts3 read just before the
+/// batch leaves) and stamps each request's own fields into a copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyTemplate {
+    bytes: [u8; HEADER_LEN],
+}
+
+impl ReplyTemplate {
+    /// The replies of a server in `state` whose transmit timestamp is
+    /// `ts3`.
+    pub fn new(state: &ServerState, ts3: Timestamp) -> ReplyTemplate {
+        let mut bytes = [0u8; HEADER_LEN];
+        Header {
+            leap: state.leap,
+            version: 0,
+            mode: Mode::Server,
+            stratum: state.stratum.min(MAX_STRATUM),
+            poll: 0,
+            precision: state.precision,
+            root_delay: NtpShort::from_nanos(state.root_delay),
+            root_dispersion: NtpShort::from_nanos(state.root_dispersion),
+            reference_id: state.reference_id,
+            reference: NtpTimestamp::from_timestamp(state.reference_time),
+            origin: NtpTimestamp::ZERO,
+            receive: NtpTimestamp::ZERO,
+            transmit: NtpTimestamp::from_timestamp(ts3),
+        }
+        .write(&mut bytes);
+        ReplyTemplate { bytes }
+    }
+
+    /// Writes the reply to `request`, which arrived at `ts2`, into `out`
+    /// (at least [`HEADER_LEN`] bytes); returns the length.
+    pub fn write(&self, request: Echo, ts2: Timestamp, out: &mut [u8]) -> usize {
+        let b = &mut out[..HEADER_LEN];
+        b.copy_from_slice(&self.bytes);
+        b[0] |= (request.version & 7) << 3;
+        b[2] = request.poll as u8;
+        b[24..32].copy_from_slice(&request.transmit.0.to_be_bytes());
+        b[32..40].copy_from_slice(&NtpTimestamp::from_timestamp(ts2).0.to_be_bytes());
+        HEADER_LEN
+    }
+}
+
 /// Writes a mode-4 reply to `request` into `out`: origin echoes the
 /// request's transmit timestamp, receive is `ts2`, transmit `ts3`, poll is
 /// copied, the version is the request's. Returns the length
 /// ([`HEADER_LEN`]: a plain reply carries no extension fields, so it is
-/// never larger than any valid request).
+/// never larger than any valid request). A server answering many at once
+/// builds the [`ReplyTemplate`] once instead.
 pub fn write_reply(
-    request: &Header,
+    request: Echo,
     state: &ServerState,
     ts2: Timestamp,
     ts3: Timestamp,
     out: &mut [u8],
 ) -> usize {
-    let header = Header {
-        leap: state.leap,
-        version: request.version,
-        mode: Mode::Server,
-        stratum: state.stratum.min(MAX_STRATUM),
-        poll: request.poll,
-        precision: state.precision,
-        root_delay: NtpShort::from_nanos(state.root_delay),
-        root_dispersion: NtpShort::from_nanos(state.root_dispersion),
-        reference_id: state.reference_id,
-        reference: NtpTimestamp::from_timestamp(state.reference_time),
-        origin: request.transmit,
-        receive: NtpTimestamp::from_timestamp(ts2),
-        transmit: NtpTimestamp::from_timestamp(ts3),
-    };
-    header.write(out);
-    HEADER_LEN
+    ReplyTemplate::new(state, ts3).write(request, ts2, out)
 }
 
 /// Writes a Kiss-o'-Death reply to `request` (stratum 0, leap 3, the code
 /// in the reference id). Like ntpd, it reveals no time: every timestamp is
 /// the request's own transmit timestamp, which a genuine client needs to
 /// match it to its request. Returns the length ([`HEADER_LEN`]).
-pub fn write_kiss(request: &Header, code: RefId, out: &mut [u8]) -> usize {
+pub fn write_kiss(request: Echo, code: RefId, out: &mut [u8]) -> usize {
     let header = Header {
         leap: Leap::Unsynchronized,
         version: request.version,
@@ -936,7 +997,13 @@ mod tests {
             reference_time: ts(NOW - 16_000_000_000),
         };
         let mut out = [0u8; 64];
-        let len = write_reply(&parsed.header, &state, ts(NOW), ts(NOW + 20_000), &mut out);
+        let len = write_reply(
+            parsed.header.echo(),
+            &state,
+            ts(NOW),
+            ts(NOW + 20_000),
+            &mut out,
+        );
         assert_eq!(len, HEADER_LEN);
         let reply = check_reply(&out[..len], NtpTimestamp(0xdead_beef_0000_0001)).unwrap();
         let Reply::Time {
@@ -1087,7 +1154,7 @@ mod tests {
         let bytes = request(0x1111_2222_3333_4444);
         let req = parse_request(&bytes).unwrap();
         let mut out = [0xaau8; 64];
-        let len = write_kiss(&req.header, RefId::RATE, &mut out);
+        let len = write_kiss(req.header.echo(), RefId::RATE, &mut out);
         assert_eq!(len, HEADER_LEN);
         let h = Header::read(&out).unwrap();
         assert_eq!(
@@ -1266,6 +1333,50 @@ mod tests {
         }
 
         #[test]
+        // One template answers a whole batch: each reply it writes reads
+        // back as the header written field by field for that request.
+        fn a_template_writes_what_the_header_says(
+            leap in 0u8..4, stratum in any::<u8>(), precision in any::<i8>(),
+            delay in any::<i64>(), dispersion in any::<i64>(), id in any::<[u8; 4]>(),
+            reference in any::<i64>(), ts3 in any::<i64>(),
+            requests in prop::collection::vec((0u8..8, any::<i8>(), any::<u64>(), any::<i64>()), 1..5),
+        ) {
+            let state = ServerState {
+                leap: Leap::from_bits(leap),
+                stratum,
+                precision,
+                root_delay: Nanos::from_nanos(delay),
+                root_dispersion: Nanos::from_nanos(dispersion),
+                reference_id: RefId(id),
+                reference_time: ts(reference),
+            };
+            let template = ReplyTemplate::new(&state, ts(ts3));
+            for (version, poll, transmit, ts2) in requests {
+                let echo = Echo { version, poll, transmit: NtpTimestamp(transmit) };
+                let mut out = [0u8; HEADER_LEN];
+                prop_assert_eq!(template.write(echo, ts(ts2), &mut out), HEADER_LEN);
+                let mut expected = [0u8; HEADER_LEN];
+                Header {
+                    leap: state.leap,
+                    version,
+                    mode: Mode::Server,
+                    stratum: stratum.min(MAX_STRATUM),
+                    poll,
+                    precision,
+                    root_delay: NtpShort::from_nanos(state.root_delay),
+                    root_dispersion: NtpShort::from_nanos(state.root_dispersion),
+                    reference_id: RefId(id),
+                    reference: NtpTimestamp::from_timestamp(ts(reference)),
+                    origin: NtpTimestamp(transmit),
+                    receive: NtpTimestamp::from_timestamp(ts(ts2)),
+                    transmit: NtpTimestamp::from_timestamp(ts(ts3)),
+                }
+                .write(&mut expected);
+                prop_assert_eq!(out, expected);
+            }
+        }
+
+        #[test]
         fn no_datagram_panics_the_parsers(bytes in prop::collection::vec(any::<u8>(), 0..1200)) {
             let _ = parse_request(&bytes);
             let _ = check_reply(&bytes, NtpTimestamp(1));
@@ -1289,8 +1400,8 @@ mod tests {
                 leap: Leap::None, stratum: 1, precision: -20, root_delay: Nanos::ZERO,
                 root_dispersion: Nanos::ZERO, reference_id: RefId::LOCAL, reference_time: ts(NOW),
             };
-            prop_assert!(write_reply(&req.header, &state, ts(NOW), ts(NOW), &mut out) <= req.len);
-            prop_assert!(write_kiss(&req.header, RefId::RATE, &mut out) <= req.len);
+            prop_assert!(write_reply(req.header.echo(), &state, ts(NOW), ts(NOW), &mut out) <= req.len);
+            prop_assert!(write_kiss(req.header.echo(), RefId::RATE, &mut out) <= req.len);
         }
     }
 }

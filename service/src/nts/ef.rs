@@ -356,7 +356,7 @@ pub fn write_nak(out: &mut [u8], request: &[u8]) -> Result<usize, NtsError> {
             have: out.len(),
         });
     }
-    ntp::write_kiss(&parsed.header, RefId::NTSN, out);
+    ntp::write_kiss(parsed.header.echo(), RefId::NTSN, out);
     Ok(HEADER_LEN + put_field(out, HEADER_LEN, UNIQUE_IDENTIFIER, uid.value)?)
 }
 
@@ -654,7 +654,7 @@ mod tests {
                     reference_time: crate::Timestamp::EPOCH,
                 };
                 let t = crate::Timestamp::from_nanos(1_800_000_000_000_000_000);
-                let start = ntp::write_reply(&parsed.header, &state, t, t, &mut out);
+                let start = ntp::write_reply(parsed.header.echo(), &state, t, t, &mut out);
                 let len = write_reply(&mut out, start, &req, &cookies, &[0x44; 16])?;
                 out.truncate(len);
                 Ok(out)

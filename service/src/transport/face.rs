@@ -82,9 +82,9 @@ impl Default for NtpFace {
 pub(crate) enum ReplyAs {
     /// A cerv reply, tagged like its request (if it was).
     Cerv(Option<Authenticated>),
-    /// An NTP reply to this request header (its version, poll and
-    /// transmit timestamp are echoed).
-    Ntp(ntp::Header),
+    /// An NTP reply to a request (its version, poll and transmit
+    /// timestamp are echoed).
+    Ntp(ntp::Echo),
     /// An NTS-authenticated NTP reply.
     Nts(Arc<NtsReply>),
     /// An NTS NAK to this request (its bytes: the NAK echoes its unique
@@ -97,7 +97,7 @@ pub(crate) enum ReplyAs {
 /// per request, this).
 #[derive(Debug)]
 pub(crate) struct NtsReply {
-    pub header: ntp::Header,
+    pub header: ntp::Echo,
     pub request: NtsRequest,
     sealed: [[u8; COOKIE_LEN]; MAX_COOKIES],
     count: usize,
@@ -190,7 +190,7 @@ pub(crate) fn decode(
                                     master.seal_into(&opened.keys, &rand::random(), cookie);
                                 }
                                 ReplyAs::Nts(Arc::new(NtsReply {
-                                    header: request.header,
+                                    header: request.header.echo(),
                                     request: opened,
                                     sealed,
                                     count,
@@ -208,7 +208,7 @@ pub(crate) fn decode(
                             }
                         }
                     }
-                    _ => ReplyAs::Ntp(request.header),
+                    _ => ReplyAs::Ntp(request.header.echo()),
                 };
                 *next_id = next_id.wrapping_add(1);
                 Decoded::Request(
@@ -257,9 +257,9 @@ fn count_ntp_error(stats: &ServerStats, e: PacketError) {
 
 /// The header of a rate-limited datagram, if it is an NTP client request
 /// worth a Kiss-o'-Death (anything else is dropped without a word).
-pub(crate) fn kiss_candidate(face: &Face, bytes: &[u8]) -> Option<ntp::Header> {
+pub(crate) fn kiss_candidate(face: &Face, bytes: &[u8]) -> Option<ntp::Echo> {
     match face {
-        Face::Ntp(_) => ntp::parse_request(bytes).ok().map(|r| r.header),
+        Face::Ntp(_) => ntp::parse_request(bytes).ok().map(|r| r.header.echo()),
         Face::Cerv => None,
     }
 }

@@ -556,8 +556,12 @@ impl Sender {
         // the keys in force for the whole batch too.
         let now = self.clock.now();
         let keys_now = self.keys.as_ref().map(|k| k.current());
-        // The NTP face's account of the clock, once per batch.
-        let state = self.ntp_state.as_mut().map(|s| s.current(now));
+        // The NTP face's account of the clock and the reply header it
+        // makes, with ts3 in place, once per batch.
+        let template = self
+            .ntp_state
+            .as_mut()
+            .map(|s| ntp::ReplyTemplate::new(s.current(now), now));
         batch.clear();
         for out in replies.drain(..) {
             let to = out.to;
@@ -569,18 +573,16 @@ impl Sender {
                     });
                 }
                 ReplyAs::Ntp(request) => {
-                    let Some(state) = state else {
+                    let Some(template) = &template else {
                         continue;
                     };
-                    batch.push(to, |buf| encode_ntp(&request, out.reply, state, now, buf));
+                    batch.push(to, |buf| encode_ntp(request, out.reply, template, buf));
                 }
                 ReplyAs::Nts(nts) => {
-                    let Some(state) = state else {
+                    let Some(template) = &template else {
                         continue;
                     };
-                    batch.push(to, |buf| {
-                        encode_nts(&nts, out.reply, state, now, buf, stats)
-                    });
+                    batch.push(to, |buf| encode_nts(&nts, out.reply, template, buf, stats));
                 }
                 ReplyAs::NtsNak(request) => {
                     batch.push(to, |buf| crate::nts::ef::write_nak(buf, &request).ok());
@@ -656,14 +658,13 @@ fn encode_cerv(
 /// server (too many requests waiting) answers with a Kiss-o'-Death RATE;
 /// other errors have no NTP form and are dropped.
 fn encode_ntp(
-    request: &ntp::Header,
+    request: ntp::Echo,
     reply: PendingReply,
-    state: &ntp::ServerState,
-    now: Timestamp,
+    template: &ntp::ReplyTemplate,
     buf: &mut [u8],
 ) -> Option<usize> {
     match reply {
-        PendingReply::Probe { ts2, .. } => Some(ntp::write_reply(request, state, ts2, now, buf)),
+        PendingReply::Probe { ts2, .. } => Some(template.write(request, ts2, buf)),
         PendingReply::Kiss(code) => Some(ntp::write_kiss(request, code, buf)),
         PendingReply::Error {
             code: ErrorCode::Busy,
@@ -681,15 +682,14 @@ fn encode_ntp(
 fn encode_nts(
     nts: &NtsReply,
     reply: PendingReply,
-    state: &ntp::ServerState,
-    now: Timestamp,
+    template: &ntp::ReplyTemplate,
     buf: &mut [u8],
     stats: &ServerStats,
 ) -> Option<usize> {
     let PendingReply::Probe { ts2, .. } = reply else {
         return None;
     };
-    let header = ntp::write_reply(&nts.header, state, ts2, now, buf);
+    let header = template.write(nts.header, ts2, buf);
     match crate::nts::ef::write_reply(buf, header, &nts.request, nts.cookies(), &rand::random()) {
         Ok(len) => Some(len),
         Err(e) => {
