@@ -459,14 +459,7 @@ pub struct Request<'a> {
 /// refused, since this server holds no symmetric keys.
 pub fn parse_request(bytes: &[u8]) -> Result<Request<'_>, PacketError> {
     let header = Header::read(bytes).ok_or(PacketError::TooShort(bytes.len()))?;
-    match header.mode {
-        Mode::Client => {}
-        Mode::Control | Mode::Private => return Err(PacketError::Control(header.mode.bits())),
-        other => return Err(PacketError::Mode(other.bits())),
-    }
-    if !(3..=4).contains(&header.version) {
-        return Err(PacketError::Version(header.version));
-    }
+    check_client(header.mode, header.version)?;
     // Most requests are a bare header.
     let fields = if bytes.len() == HEADER_LEN {
         Vec::new()
@@ -482,6 +475,35 @@ pub fn parse_request(bytes: &[u8]) -> Result<Request<'_>, PacketError> {
         fields,
         len: bytes.len(),
     })
+}
+
+/// Reads a request that is a bare header ([`HEADER_LEN`] bytes, as most
+/// are), with the checks of [`parse_request`]: what a reply to it echoes
+/// is all a server needs of it. Longer datagrams are for `parse_request`.
+pub fn read_bare_request(bytes: &[u8]) -> Result<Echo, PacketError> {
+    let b: &[u8; HEADER_LEN] = bytes
+        .try_into()
+        .map_err(|_| PacketError::TooShort(bytes.len()))?;
+    let version = (b[0] >> 3) & 7;
+    check_client(Mode::from_bits(b[0]), version)?;
+    Ok(Echo {
+        version,
+        poll: b[2] as i8,
+        transmit: NtpTimestamp::read(&b[40..]),
+    })
+}
+
+/// What a server answers: client requests (mode 3), NTPv3 or v4.
+fn check_client(mode: Mode, version: u8) -> Result<(), PacketError> {
+    match mode {
+        Mode::Client => {}
+        Mode::Control | Mode::Private => return Err(PacketError::Control(mode.bits())),
+        other => return Err(PacketError::Mode(other.bits())),
+    }
+    if !(3..=4).contains(&version) {
+        return Err(PacketError::Version(version));
+    }
+    Ok(())
 }
 
 /// What a server says about its own clock in every reply: how good it is,
@@ -1330,6 +1352,17 @@ mod tests {
             let t = ts(n);
             let pivot = ts(n.saturating_add(away.saturating_mul(1_000_000_000)));
             prop_assert_eq!(NtpTimestamp::from_timestamp(t).to_timestamp(pivot), t);
+        }
+
+        #[test]
+        fn a_bare_request_reads_as_the_full_parse_does(
+            bytes in any::<[u8; HEADER_LEN]>(), first in any::<u8>()
+        ) {
+            // Every mode and version, in headers of any content.
+            let mut bytes = bytes;
+            bytes[0] = first;
+            let full = parse_request(&bytes).map(|r| r.header.echo());
+            prop_assert_eq!(read_bare_request(&bytes), full);
         }
 
         #[test]

@@ -168,6 +168,16 @@ pub(crate) fn decode(
                 Decoded::Dropped
             }
         },
+        // Most requests are a bare header: what the reply echoes is all
+        // there is to keep of them.
+        Face::Ntp(_) if bytes.len() == ntp::HEADER_LEN => match ntp::read_bare_request(bytes) {
+            Ok(echo) => ntp_request(from, ReplyAs::Ntp(echo), arrival, clock, next_id),
+            Err(reason) => {
+                count_ntp_error(stats, reason);
+                debug!(peer = %from, len = bytes.len(), %reason, "dropping NTP datagram");
+                Decoded::Dropped
+            }
+        },
         Face::Ntp(ntp) => match ntp::parse_request(bytes) {
             Ok(request) => {
                 let is_nts = request
@@ -210,21 +220,7 @@ pub(crate) fn decode(
                     }
                     _ => ReplyAs::Ntp(request.header.echo()),
                 };
-                *next_id = next_id.wrapping_add(1);
-                Decoded::Request(
-                    from,
-                    Inbound {
-                        frame: ClientFrame::Request {
-                            id: *next_id,
-                            deadline: NTP_DEADLINE,
-                            call: Call::Probe {
-                                ts1: Timestamp::EPOCH,
-                            },
-                        },
-                        received: arrival.time_on(clock),
-                        reply_as,
-                    },
-                )
+                ntp_request(from, reply_as, arrival, clock, next_id)
             }
             Err(reason) => {
                 count_ntp_error(stats, reason);
@@ -233,6 +229,31 @@ pub(crate) fn decode(
             }
         },
     }
+}
+
+/// An NTP request for the handlers: a probe, numbered from `next_id`.
+fn ntp_request(
+    from: SocketAddr,
+    reply_as: ReplyAs,
+    arrival: &Arrival,
+    clock: &dyn Clock,
+    next_id: &mut u64,
+) -> Decoded {
+    *next_id = next_id.wrapping_add(1);
+    Decoded::Request(
+        from,
+        Inbound {
+            frame: ClientFrame::Request {
+                id: *next_id,
+                deadline: NTP_DEADLINE,
+                call: Call::Probe {
+                    ts1: Timestamp::EPOCH,
+                },
+            },
+            received: arrival.time_on(clock),
+            reply_as,
+        },
+    )
 }
 
 fn count_cerv_error(stats: &ServerStats, e: DecodeError) {
