@@ -711,9 +711,9 @@ impl Server {
     /// Each datagram socket (cerv's wire, each NTP address) is read by a
     /// thread of its own, which answers what it can at once; the TCP, TLS
     /// and key-exchange listeners, and handlers that must wait, run on the
-    /// current task (see the README's speed section). NTP requests are
-    /// always dispatched inline: NTP has no request ids for a per-peer
-    /// tarpc channel to track.
+    /// current task (see the README's speed section). NTP requests never
+    /// reach the handlers: the transport answers them from its own stamps
+    /// (there is no tarpc call in them to serve).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Arc<ServerStats> {
         let handlers = self.handlers;
         // Every socket stops when `shutdown` completes.

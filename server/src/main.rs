@@ -62,7 +62,7 @@ struct Args {
     )]
     offset: Nanos,
 
-    /// Simulated work in every call, between receipt and reply, such as 20ms.
+    /// Simulated work in every tarpc call (cerv's wire, TCP, TLS; not NTP), between receipt and reply, such as 20ms.
     #[arg(long, default_value = "0", value_name = "DURATION")]
     processing_delay: Nanos,
 

@@ -347,3 +347,56 @@ async fn a_genuine_deny_stops_the_source() {
     assert!(again.to_string().contains("DENY"), "{again}");
     assert_eq!(source.stats().sent.get(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ntp_is_answered_by_the_transport_not_the_handlers() {
+    // The handlers simulate two seconds of work in every tarpc call; an
+    // NTP request is no tarpc call, and its answer does not wait for them.
+    let server = Server::spawn(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ntp_listen: vec!["127.0.0.1:0".parse().unwrap()],
+        ntp: NtpFace {
+            local_stratum: Some(1),
+            ..NtpFace::default()
+        },
+        processing_delay: Duration::from_secs(2),
+        ..Config::default()
+    })
+    .await
+    .expect("server");
+    let (ntp_addr, cerv_addr) = (server.ntp_addrs[0], server.addr);
+    let (ntp_reply, early, late) = tokio::task::spawn_blocking(move || {
+        let ntp_reply = ask(ntp_addr, &request(42), Duration::from_secs(1));
+        let mut probe = [0u8; service::wire::MAX_DATAGRAM];
+        let (len, _) = service::wire::encode_client(
+            &service::wire::ClientFrame::Request {
+                id: 7,
+                deadline: Duration::from_secs(10),
+                call: service::wire::Call::Probe {
+                    ts1: service::time::Timestamp::from_nanos(1),
+                },
+            },
+            &mut probe,
+            None,
+        );
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.send_to(&probe[..len], cerv_addr).unwrap();
+        let mut buf = [0u8; 1500];
+        socket
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        let early = socket.recv(&mut buf).is_ok();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let late = socket.recv(&mut buf).is_ok();
+        (ntp_reply, early, late)
+    })
+    .await
+    .unwrap();
+    let reply = ntp_reply.expect("an NTP reply within a second");
+    assert_eq!(Header::read(&reply).unwrap().origin, NtpTimestamp(42));
+    assert!(!early, "the tarpc call did its two seconds of work");
+    assert!(late, "and was answered after them");
+    server.stop().await;
+}

@@ -28,7 +28,7 @@ use crate::nts::cookie::COOKIE_LEN;
 use crate::nts::ef::MAX_COOKIES;
 use crate::nts::{MasterKeys, NtsRequest, ef};
 use crate::time::Timestamp;
-use crate::wire::{self, Authenticated, Call, ClientFrame, DecodeError};
+use crate::wire::{self, Authenticated, ClientFrame, DecodeError};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -112,8 +112,16 @@ impl NtsReply {
 
 /// What became of a datagram.
 pub(crate) enum Decoded {
-    /// A request for the handlers.
+    /// A request for the handlers (the cerv wire: a tarpc call).
     Request(SocketAddr, Inbound),
+    /// An NTP request, which the transport answers itself: its reply is
+    /// the arrival stamp, the send stamp and the server's account of its
+    /// clock, and there is no call for a handler to serve.
+    Answer {
+        to: SocketAddr,
+        received: Timestamp,
+        reply_as: ReplyAs,
+    },
     /// An NTS request whose cookie or authenticator failed: it gets a NAK
     /// at once.
     Nak(SocketAddr, Arc<Vec<u8>>),
@@ -128,13 +136,8 @@ pub(crate) struct Inbound {
     pub reply_as: ReplyAs,
 }
 
-/// How long an NTP client waits for its answer: no NTP client gives a
-/// server less than a second.
-const NTP_DEADLINE: Duration = Duration::from_secs(1);
-
 /// Checks and decodes one datagram; counts and drops what is not a valid
-/// request of this face. `next_id` numbers NTP requests, which carry no
-/// id of their own, so the dispatch can tell them apart.
+/// request of this face.
 pub(crate) fn decode(
     face: &Face,
     stats: &ServerStats,
@@ -142,7 +145,6 @@ pub(crate) fn decode(
     keys: Option<&Keys>,
     bytes: &[u8],
     arrival: &Arrival,
-    next_id: &mut u64,
 ) -> Decoded {
     let Some(from) = arrival.from else {
         stats.malformed.incr();
@@ -171,7 +173,7 @@ pub(crate) fn decode(
         // Most requests are a bare header: what the reply echoes is all
         // there is to keep of them.
         Face::Ntp(_) if bytes.len() == ntp::HEADER_LEN => match ntp::read_bare_request(bytes) {
-            Ok(echo) => ntp_request(from, ReplyAs::Ntp(echo), arrival, clock, next_id),
+            Ok(echo) => ntp_answer(from, ReplyAs::Ntp(echo), arrival, clock),
             Err(reason) => {
                 count_ntp_error(stats, reason);
                 debug!(peer = %from, len = bytes.len(), %reason, "dropping NTP datagram");
@@ -220,7 +222,7 @@ pub(crate) fn decode(
                     }
                     _ => ReplyAs::Ntp(request.header.echo()),
                 };
-                ntp_request(from, reply_as, arrival, clock, next_id)
+                ntp_answer(from, reply_as, arrival, clock)
             }
             Err(reason) => {
                 count_ntp_error(stats, reason);
@@ -231,29 +233,18 @@ pub(crate) fn decode(
     }
 }
 
-/// An NTP request for the handlers: a probe, numbered from `next_id`.
-fn ntp_request(
+/// An NTP request that passed its checks, to be answered with `reply_as`.
+fn ntp_answer(
     from: SocketAddr,
     reply_as: ReplyAs,
     arrival: &Arrival,
     clock: &dyn Clock,
-    next_id: &mut u64,
 ) -> Decoded {
-    *next_id = next_id.wrapping_add(1);
-    Decoded::Request(
-        from,
-        Inbound {
-            frame: ClientFrame::Request {
-                id: *next_id,
-                deadline: NTP_DEADLINE,
-                call: Call::Probe {
-                    ts1: Timestamp::EPOCH,
-                },
-            },
-            received: arrival.time_on(clock),
-            reply_as,
-        },
-    )
+    Decoded::Answer {
+        to: from,
+        received: arrival.time_on(clock),
+        reply_as,
+    }
 }
 
 fn count_cerv_error(stats: &ServerStats, e: DecodeError) {

@@ -9,7 +9,11 @@
 //!                                              ◀── writer thread ◀── outbox ◀─────┘ (later replies)
 //! ```
 //!
-//! Two ways to dispatch requests share the reader and the writer:
+//! An NTP face's requests are answered by the reader itself: an NTP
+//! reply is the arrival stamp, the send stamp and the server's account of
+//! its clock, with no tarpc call in it for a handler to serve. The cerv
+//! wire's requests are tarpc calls, and two ways to dispatch them share
+//! the reader and the writer:
 //!
 //! - **Inline** ([`UdpServer::run_inline`]): each request's handler is
 //!   called through tarpc's generated `Serve` and polled as its datagram is
@@ -654,9 +658,9 @@ fn encode_cerv(
     len
 }
 
-/// Encodes an NTP reply: 48 bytes, never more than the request. A busy
-/// server (too many requests waiting) answers with a Kiss-o'-Death RATE;
-/// other errors have no NTP form and are dropped.
+/// Encodes an NTP reply (48 bytes, never more than the request) or a
+/// Kiss-o'-Death. NTP requests are answered by the transport, never by a
+/// handler, so nothing else reaches here.
 fn encode_ntp(
     request: ntp::Echo,
     reply: PendingReply,
@@ -666,10 +670,6 @@ fn encode_ntp(
     match reply {
         PendingReply::Probe { ts2, .. } => Some(template.write(request, ts2, buf)),
         PendingReply::Kiss(code) => Some(ntp::write_kiss(request, code, buf)),
-        PendingReply::Error {
-            code: ErrorCode::Busy,
-            ..
-        } => Some(ntp::write_kiss(request, RefId::RATE, buf)),
         PendingReply::Now | PendingReply::Error { .. } | PendingReply::NtsNak => None,
     }
 }
@@ -1071,7 +1071,6 @@ impl<D: Dispatch> Reader<D> {
             Face::Cerv => Limiter::new(RateLimit::OFF, 0),
         };
         let face = self.config.face.clone();
-        let mut next_id = 0u64;
         let mut last_log = (started, 0u64);
         loop {
             let received = batch.recv(fd, true);
@@ -1137,12 +1136,24 @@ impl<D: Dispatch> Reader<D> {
                     keys_now.as_deref(),
                     bytes,
                     arrival,
-                    &mut next_id,
                 ) {
                     Decoded::Request(from, inbound) => {
                         self.dispatch
                             .dispatch(from, inbound, &context, &mut replies);
                     }
+                    Decoded::Answer {
+                        to,
+                        received,
+                        reply_as,
+                    } => replies.push(Outgoing {
+                        to,
+                        id: 0,
+                        reply: PendingReply::Probe {
+                            ts1: Timestamp::EPOCH,
+                            ts2: received,
+                        },
+                        reply_as,
+                    }),
                     Decoded::Nak(from, request) => replies.push(Outgoing {
                         to: from,
                         id: 0,
