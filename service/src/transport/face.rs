@@ -240,6 +240,7 @@ fn ntp_answer(
     arrival: &Arrival,
     clock: &dyn Clock,
 ) -> Decoded {
+    debug!(peer = %from, "NTP request");
     Decoded::Answer {
         to: from,
         received: arrival.time_on(clock),
