@@ -174,11 +174,7 @@ pub(crate) fn decode(
         // there is to keep of them.
         Face::Ntp(_) if bytes.len() == ntp::HEADER_LEN => match ntp::read_bare_request(bytes) {
             Ok(echo) => ntp_answer(from, ReplyAs::Ntp(echo), arrival, clock),
-            Err(reason) => {
-                count_ntp_error(stats, reason);
-                debug!(peer = %from, len = bytes.len(), %reason, "dropping NTP datagram");
-                Decoded::Dropped
-            }
+            Err(reason) => dropped_ntp(stats, from, bytes, reason),
         },
         Face::Ntp(ntp) => match ntp::parse_request(bytes) {
             Ok(request) => {
@@ -224,11 +220,7 @@ pub(crate) fn decode(
                 };
                 ntp_answer(from, reply_as, arrival, clock)
             }
-            Err(reason) => {
-                count_ntp_error(stats, reason);
-                debug!(peer = %from, len = bytes.len(), %reason, "dropping NTP datagram");
-                Decoded::Dropped
-            }
+            Err(reason) => dropped_ntp(stats, from, bytes, reason),
         },
     }
 }
@@ -257,6 +249,19 @@ fn count_cerv_error(stats: &ServerStats, e: DecodeError) {
     }
 }
 
+/// An NTP datagram that is not a request this server answers: counted by
+/// its reason and dropped.
+fn dropped_ntp(
+    stats: &ServerStats,
+    from: SocketAddr,
+    bytes: &[u8],
+    reason: PacketError,
+) -> Decoded {
+    count_ntp_error(stats, reason);
+    debug!(peer = %from, len = bytes.len(), %reason, "dropping NTP datagram");
+    Decoded::Dropped
+}
+
 fn count_ntp_error(stats: &ServerStats, e: PacketError) {
     match e {
         PacketError::TooShort(_) => stats.unpadded.incr(),
@@ -272,6 +277,9 @@ fn count_ntp_error(stats: &ServerStats, e: PacketError) {
 /// worth a Kiss-o'-Death (anything else is dropped without a word).
 pub(crate) fn kiss_candidate(face: &Face, bytes: &[u8]) -> Option<ntp::Echo> {
     match face {
+        // Under a flood this runs for every datagram: a bare request is
+        // read as `decode` reads it.
+        Face::Ntp(_) if bytes.len() == ntp::HEADER_LEN => ntp::read_bare_request(bytes).ok(),
         Face::Ntp(_) => ntp::parse_request(bytes).ok().map(|r| r.header.echo()),
         Face::Cerv => None,
     }
